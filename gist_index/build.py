@@ -1,0 +1,323 @@
+"""Building a store: a validating pre-pass over the pool, then per-chunk gradients, on one or many processes.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the pending chunks are shared out by their character count (a proxy for
+tokens, longest first onto the least loaded rank); each rank writes only its own chunks; rank 0 runs the pre-pass
+before and the FAISS index and the final metadata after, between barriers. A chunk's batches depend only on the
+chunk, so any split over ranks gives the same vectors. Re-running the same command resumes: complete chunks (per
+the manifest) are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .config import BuildConfig
+from .data import Example, check_paths, encode, file_sha256, id_hash, iter_lines, parse_example, parse_line
+from .errors import ConfigError, ConfigMismatchError, DataError, StoreError
+from .extract import CheckpointedModel
+from .index import build_index
+from .progress import bar as progress_bar
+from .project import make_projector, projector_from_spec
+from .store import STATUS_OK, STATUS_TRUNCATED, GradientStore
+from .train import checkpoint_weights as default_weights
+
+log = logging.getLogger(__name__)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def describe_files(paths: Sequence[str]) -> list[dict]:
+    """Name, path, size and SHA-256 of each data file (the data fingerprint)."""
+    return [
+        {"name": os.path.basename(p), "path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": file_sha256(p)}
+        for p in paths
+    ]
+
+
+def scan_pool(store: GradientStore, files: list[dict], first_row: int, eos: str, progress: bool) -> list[dict]:
+    """Validate every record of ``files`` and write ids, sources and lengths from ``first_row`` on.
+
+    Fails on the first malformed record (file, line, field) and on a duplicate id. Returns ``files`` with their
+    row ranges.
+    """
+    R = store.chunk_rows
+    block = R * max(1, 65536 // R)  # rows per write: chunk-aligned, few metadata updates
+    store.resize(first_row)
+    cols: dict[str, list] = {k: [] for k in ("ids", "id_hash", "source", "line", "n_chars")}
+    row = start = first_row
+    n_before = len(store.meta.get("data", []))
+    out = []
+
+    def flush():
+        nonlocal start
+        if cols["ids"]:
+            store.resize(row)
+            store.write_rows(start, {k: np.asarray(v, dtype=str if k == "ids" else None) for k, v in cols.items()})
+            for v in cols.values():
+                v.clear()
+            start = row
+
+    bar = progress_bar(desc="scan pool", unit="ex", enabled=progress)
+    for fi, f in enumerate(files):
+        first = row
+        for line_no, text in iter_lines(f["path"]):
+            ex = parse_example(parse_line(f["path"], line_no, text), f["path"], line_no, eos)
+            cols["ids"].append(ex.id)
+            cols["id_hash"].append(id_hash(ex.id))
+            cols["source"].append(n_before + fi)
+            cols["line"].append(line_no)
+            cols["n_chars"].append(ex.n_chars)
+            row += 1
+            bar.update(1)
+            if row % block == 0:
+                flush()
+        out.append({**f, "rows": [first, row]})
+    flush()
+    bar.close()
+    if row == first_row:
+        raise DataError(", ".join(f["path"] for f in files), None, None, "no examples in the data files")
+    _check_duplicates(store, out, n_before)
+    return out
+
+
+def _check_duplicates(store: GradientStore, files: list[dict], n_before: int) -> None:
+    hashes = store.column("id_hash")
+    uniq, counts = np.unique(hashes, return_counts=True)
+    all_files = store.meta.get("data", []) + files
+    for h in uniq[counts > 1]:
+        rows = [int(r) for r in np.flatnonzero(hashes == h)]
+        names = [str(store.group["ids"][r]) for r in rows]
+        for j in range(1, len(rows)):
+            if names[j] in names[:j]:
+                first = rows[names.index(names[j])]
+                where = lambda r: (all_files[int(store.group["source"][r])]["path"], int(store.group["line"][r]))  # noqa: E731
+                path, line = where(rows[j])
+                raise DataError(
+                    path, line, "id", f"duplicate id {names[j]!r} (first at {':'.join(map(str, where(first)))})"
+                )
+
+
+def iter_chunk_examples(store: GradientStore, chunks: Sequence[int], eos: str) -> Iterator[tuple[int, list[Example]]]:
+    """Yield (chunk, its examples) for the given chunks, in row order, streaming the data files once."""
+    wanted = sorted(chunks)
+    files = store.meta["data"]
+    R = store.chunk_rows
+    k = 0
+    buf: list[Example] = []
+    for f in files:
+        a, b = f["rows"]
+        if k >= len(wanted):
+            return
+        if b <= wanted[k] * R:
+            continue
+        row = a
+        for line_no, text in iter_lines(f["path"]):
+            while k < len(wanted) and row >= store.chunk_range(wanted[k])[1]:
+                k += 1
+            if k >= len(wanted):
+                return
+            lo, hi = store.chunk_range(wanted[k])
+            if row >= lo:
+                buf.append(parse_example(parse_line(f["path"], line_no, text), f["path"], line_no, eos))
+                if row + 1 == hi:
+                    yield wanted[k], buf
+                    buf = []
+            row += 1
+        if row != b:
+            raise StoreError(f"{f['path']}: has {row - a} examples now, {b - a} when the store was built")
+
+
+def compute_chunk(
+    examples: Sequence[Example], cm: CheckpointedModel, projector, cfg: BuildConfig, on_batch=None
+) -> dict:
+    """Every column of one chunk: token counts, status and, per checkpoint, unit vectors and norms."""
+    enc = [encode(ex, cm.tokenizer, cfg.max_length) for ex in examples]
+    n_labels = np.array([e.n_label_tokens for e in enc], np.int32)
+    ok = np.flatnonzero(n_labels > 0)
+    cols = {
+        "n_tokens": np.array([e.n_tokens for e in enc], np.int32),
+        "n_labels": n_labels,
+        "status": np.where(n_labels > 0, STATUS_OK, STATUS_TRUNCATED).astype(np.int8),
+    }
+    vdt = np.float16 if cfg.vector_dtype == "float16" else np.float32
+    for c in range(len(cm.adapters)):
+        res = cm.gradients([enc[i] for i in ok], c, projector, cfg.gradient, cfg.batch_size, cfg.max_tokens, on_batch)
+        norms = np.linalg.norm(res["vectors"], axis=1)
+        vec = np.zeros((len(enc), projector.dim), vdt)
+        vec[ok] = (res["vectors"] / np.maximum(norms, 1e-30)[:, None]).astype(vdt)
+        cols[f"ckpt_{c}/vectors"] = vec
+        for key, val in (("norms", norms), ("grad_norms", res["grad_norm"]), ("loss", res["loss"])):
+            full = np.zeros(len(enc), np.float32)
+            full[ok] = val
+            cols[f"ckpt_{c}/{key}"] = full
+    return cols
+
+
+def assign_chunks(char_totals: dict[int, int], world: int) -> list[list[int]]:
+    """Longest-processing-time assignment of chunks to ranks by character count."""
+    loads = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(char_totals, key=lambda i: (-char_totals[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += char_totals[i]
+    return [sorted(x) for x in out]
+
+
+def _open_or_create(
+    out: str, config: dict, files: list[dict], cfg: BuildConfig, n_ckpt: int, dim: int, overwrite: bool, append: bool
+) -> tuple[GradientStore, list[dict]]:
+    """Rank 0: the store to work on, and the data files still to scan (empty when resuming after the scan)."""
+    if overwrite and os.path.exists(out):
+        GradientStore.remove(out)
+    if not os.path.exists(out):
+        if append:
+            raise StoreError(f"{out}: --append needs an existing store")
+        store = GradientStore.create(out, config, cfg.chunk_rows, dim, n_ckpt, cfg.vector_dtype)
+        store.set_meta(data=[], pending=files)
+        return store, files
+    store = GradientStore.open(out, allow_incomplete=True, mode="r+")
+    store.check_config(config)
+    done = store.meta.get("data", [])
+    key = lambda fs: sorted((f["name"], f["sha256"]) for f in fs)  # noqa: E731
+    if append:
+        new = [f for f in files if (f["name"], f["sha256"]) not in set(key(done))]
+        if len(new) not in (0, len(files)):
+            raise StoreError(f"{out}: some of the --append files are in the store already, some not")
+        if new:
+            if store.meta["state"] != "complete":
+                raise StoreError(f"{out}: finish the interrupted build before appending (re-run it)")
+            store.mark_building()
+            store.set_meta(pending=new)
+            return store, new
+        return store, []
+    wanted = key(store.meta.get("pending", [])) if store.rows_done() is None else key(done)
+    if key(files) != wanted:
+        raise ConfigMismatchError(
+            f"{out}: built from other data files",
+            {"data": ([n for n, _ in wanted], [n for n, _ in key(files)])},
+            "use --append to add files, or --overwrite",
+        )
+    return store, (files if store.rows_done() is None else [])
+
+
+def build_store(
+    model: str,
+    adapters: Sequence[str],
+    data: Sequence[str],
+    out: str,
+    cfg: BuildConfig = BuildConfig(),
+    checkpoint_weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    append: bool = False,
+    device=None,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> GradientStore:
+    """Build (or resume, or ``append`` to) the store at ``out``; see the module docstring."""
+    t0 = time.time()
+    rank, world = dist_info()
+    if world > 1 and torch.cuda.is_available() and device in (None, "auto"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    paths = check_paths(data)
+    if checkpoint_weights is not None and len(checkpoint_weights) != len(adapters):
+        raise ConfigError(f"{len(checkpoint_weights)} checkpoint weights for {len(adapters)} adapters")
+    cm = CheckpointedModel(model, adapters, device, cfg.model_dtype, trust_remote_code)
+    projector = make_projector(cfg.projection, cm.source_dim, cfg.dim, cfg.seed)
+    config = {"compute": cfg.compute_config(), **cm.fingerprint(), "projection": projector.spec()}
+    weights = list(checkpoint_weights) if checkpoint_weights is not None else default_weights(cm.adapters)
+    eos = cm.tokenizer.eos_token
+    if rank == 0:
+        files = describe_files(paths)
+        store, to_scan = _open_or_create(out, config, files, cfg, len(adapters), projector.dim, overwrite, append)
+        store.set_meta(model=model, adapters=[os.path.abspath(a) for a in cm.adapters], weights=weights, eos=eos)
+        index_from = 0
+        if to_scan or store.rows_done() is None:
+            committed = store.meta.get("data", [])
+            first = committed[-1]["rows"][1] if committed else 0
+            if first % store.chunk_rows:
+                store.invalidate_chunk(first // store.chunk_rows)
+            index_from = (first // store.chunk_rows) * store.chunk_rows if append else 0
+            scanned = scan_pool(store, to_scan or store.meta["pending"], first, eos, progress)
+            store.set_meta(data=committed + scanned, pending=[])
+            store.mark_rows_done({"files": len(committed) + len(scanned)})
+        done = store.done_chunks()
+        n_chars = store.column("n_chars")
+        totals = {i: int(n_chars[slice(*store.chunk_range(i))].sum()) for i in range(store.n_chunks) if i not in done}
+        plan = assign_chunks(totals, world)
+        log.info("%d of %d chunks to compute, on %d process(es)", len(totals), store.n_chunks, world)
+    _barrier(world)
+    plan = _broadcast(plan if rank == 0 else None, world)
+    store = GradientStore.open(out, allow_incomplete=True, mode="r+") if rank else store
+    mine = plan[rank]
+    n_mine = sum(min(store.n_rows, (i + 1) * store.chunk_rows) - i * store.chunk_rows for i in mine) * len(adapters)
+    bar = progress_bar(
+        total=n_mine, desc=f"gradients[{rank}]" if world > 1 else "gradients", unit="ex", enabled=progress and rank == 0
+    )
+    for i, examples in iter_chunk_examples(store, mine, eos):
+        cols = compute_chunk(examples, cm, projector, cfg, on_batch=bar.update)
+        bar.update(int((cols["status"] != STATUS_OK).sum()) * len(adapters))
+        store.write_chunk(i, cols)
+    bar.close()
+    _barrier(world)
+    if rank == 0:
+        _finish(store, cfg, t0, progress, index_from)
+    _barrier(world)
+    return GradientStore.open(out) if rank == 0 else store
+
+
+def _finish(store: GradientStore, cfg: BuildConfig, t0: float, progress: bool, index_from: int) -> None:
+    """Rank 0, after every chunk: the FAISS index (built, or extended from ``index_from``), then the summary."""
+    missing = store.n_chunks - len(store.done_chunks())
+    if missing:
+        raise StoreError(f"{store.path}: {missing} chunks are still missing after the build; re-run to resume")
+    status = store.column("status")
+    trunc = np.flatnonzero(status != STATUS_OK)
+    previous = store.meta.get("summary", {}).get("index_factory")
+    factory = build_index(store, previous if index_from and previous else cfg.index_factory, progress, index_from)
+    summary = {
+        "n_rows": store.n_rows,
+        "n_with_gradient": int((status == STATUS_OK).sum()),
+        "n_truncated": int(len(trunc)),
+        "truncated_ids": [str(store.group["ids"][int(r)]) for r in trunc[:20]],
+        "index_factory": factory,
+        "build_seconds": round(time.time() - t0, 2),
+        "bytes_on_disk": store.disk_bytes(),
+    }
+    store.finalize(summary)
+
+
+def projector_of(store: GradientStore):
+    """The projector a store was built with."""
+    return projector_from_spec(store.meta["config"]["projection"])

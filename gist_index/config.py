@@ -1,0 +1,150 @@
+"""Frozen, validated configurations of each stage, with a help text per field (the CLI is generated from them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+def opt(default, help: str, **kw):
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _positive(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{n.replace('_', '-')} must be positive, got {v}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA adapter trained by ``warmup`` (paper defaults)."""
+
+    r: int = opt(128, "LoRA rank")
+    alpha: float = opt(512.0, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = opt(0.1, "LoRA dropout during training")
+    target_modules: tuple[str, ...] = opt(("q_proj", "k_proj", "v_proj", "o_proj"), "modules that get LoRA")
+
+    def __post_init__(self):
+        _positive(self, "r", "alpha")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("target-modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A LoRA training run (warmup on a random fraction of the pool, or fine-tuning on a selection)."""
+
+    epochs: int = opt(4, "training epochs; an adapter checkpoint is saved after each")
+    lr: float = opt(2e-5, "peak learning rate (linear decay after warmup)")
+    batch_size: int = opt(128, "examples per optimizer step")
+    micro_batch_size: int = opt(8, "examples per forward/backward pass (gradient accumulation up to batch-size)")
+    warmup_ratio: float = opt(0.03, "fraction of steps with a linearly rising learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_length: int = opt(2048, "tokens per example; longer examples are truncated")
+    seed: int = opt(0, "seed for the subset, the order and the LoRA initialisation")
+
+    def __post_init__(self):
+        _positive(self, "epochs", "lr", "batch_size", "micro_batch_size", "max_length")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Building a gradient store for a pool."""
+
+    dim: int = opt(8192, "projected dimension; 0 stores raw gradients (exact, for small adapters)")
+    projection: str = opt("countsketch", "projection: countsketch (sparse, default), gaussian, rademacher (dense)")
+    max_length: int = opt(2048, "tokens per example; an example whose response is truncated away gets no gradient")
+    batch_size: int = opt(16, "examples per batch (batches are length-bucketed inside each chunk)")
+    max_tokens: int = opt(0, "padded tokens per batch at most (0: no limit)")
+    seed: int = opt(0, "projection seed: the same seed gives the same projection on every run and device")
+    gradient: str = opt("sgd", "sgd: plain gradients (GIST); adam: Adam-preconditioned gradients (LESS)")
+    chunk_rows: int = opt(1024, "rows per chunk: the unit of work, of resume and of the manifest")
+    dtype: str = opt("auto", "stored vector type: float16, float32, or auto (float32 with --dim 0, else float16)")
+    model_dtype: str = opt("float32", "dtype the model runs in: float32 or bfloat16")
+    index_factory: str = opt("auto", "FAISS index factory string (e.g. Flat, SQ8, IVF1024,SQ8, HNSW32), auto or none")
+
+    def __post_init__(self):
+        _positive(self, "max_length", "batch_size", "chunk_rows")
+        if self.dim < 0:
+            raise ConfigError(f"dim must be >= 0, got {self.dim}")
+        if self.max_tokens < 0:
+            raise ConfigError(f"max-tokens must be >= 0, got {self.max_tokens}")
+        _choice("gradient", self.gradient, ("sgd", "adam"))
+        _choice("projection", self.projection, ("countsketch", "gaussian", "rademacher"))
+        _choice("dtype", self.dtype, ("auto", "float16", "float32"))
+        _choice("model-dtype", self.model_dtype, ("float32", "bfloat16"))
+        if not re.fullmatch(r"[A-Za-z0-9_,.]+", self.index_factory):
+            raise ConfigError(f"index-factory {self.index_factory!r} is not a FAISS factory string")
+
+    @property
+    def vector_dtype(self) -> str:
+        """The resolved storage dtype."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.dim == 0 else "float16"
+
+    def compute_config(self) -> dict:
+        """The fields that change the stored vectors (hashed into the store's config)."""
+        return {
+            "dim": self.dim,
+            "projection": "identity" if self.dim == 0 else self.projection,
+            "max_length": self.max_length,
+            "seed": self.seed,
+            "gradient": self.gradient,
+            "chunk_rows": self.chunk_rows,
+            "dtype": self.vector_dtype,
+            "model_dtype": self.model_dtype,
+        }
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Selecting the best examples of a store for one target."""
+
+    method: str = opt("gist", "gist: the paper's formula (exact scan); less: LESS's scoring; mips: FAISS index")
+    rank: int = opt(0, "subspace rank k (0: chosen from the spectrum of the validation gradients)")
+    energy: float = opt(0.9, "with automatic rank: the share of squared singular values the subspace keeps")
+    top: int = opt(0, "select this many examples")
+    fraction: float = opt(0.0, "select this fraction of the pool (e.g. 0.05)")
+    batch_size: int = opt(16, "validation examples per batch")
+    candidates: float = opt(1.0, "mips: FAISS neighbours fetched per sub-task, as a multiple of the selection size")
+    nprobe: int = opt(0, "mips: IVF lists to visit (0: the index's default)")
+
+    def __post_init__(self):
+        _choice("method", self.method, ("gist", "less", "mips"))
+        if (self.top > 0) == (self.fraction > 0):
+            raise ConfigError("give exactly one of --top N or --fraction F")
+        if self.top < 0 or not 0 <= self.fraction <= 1:
+            raise ConfigError(f"--top must be positive and --fraction in (0, 1]; got {self.top}, {self.fraction}")
+        if self.rank < 0:
+            raise ConfigError(f"rank must be >= 0, got {self.rank}")
+        if not 0 < self.energy <= 1:
+            raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
+        _positive(self, "batch_size", "candidates")
+
+    def n_select(self, n_pool: int) -> int:
+        """How many examples to select from a pool of ``n_pool``."""
+        n = self.top if self.top > 0 else int(round(self.fraction * n_pool))
+        return max(1, min(n, n_pool))
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def fields_of(cls) -> list[dataclasses.Field]:
+    """The fields of a config class (for the CLI)."""
+    return list(dataclasses.fields(cls))

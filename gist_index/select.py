@@ -1,0 +1,287 @@
+"""Selecting the best pool examples for a target: validation gradients, subspace, scan or MIPS, output.
+
+The exact methods (``gist``, ``less``) stream the store's chunks through one matrix product per checkpoint and
+keep a running top-N; a background thread reads the next chunk while the current one is scored (on the GPU
+when there is one). ``mips`` asks the store's FAISS index instead. The selection is written as JSON Lines,
+best first: each original record plus ``id``, ``score`` and ``rank`` (1 = best), ready to train on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .build import projector_of
+from .config import SelectConfig
+from .data import encode, iter_lines, load_examples, parse_line
+from .errors import ConfigError, ConfigMismatchError, DataError, StoreError
+from .extract import CheckpointedModel
+from .index import load_index, mips_top
+from .model import adapter_fingerprint, model_fingerprint, resolve_device
+from .progress import bar as progress_bar
+from .store import GradientStore
+from .subspace import Scorer, Target, build_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """The result of a selection: rows best first, their scores, and what the target looked like."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    ids: list[str]
+    target: Target
+    method: str
+    n_pool: int
+    seconds: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """A JSON-able summary (ranks, spectrum, timing)."""
+        return {
+            "method": self.method,
+            "n_pool": self.n_pool,
+            "n_selected": int(len(self.rows)),
+            "subtasks": self.target.subtasks,
+            "rank": self.target.ranks,
+            "energy_captured": [round(e, 4) for e in self.target.energy_captured()],
+            "singular_values": [np.round(c.singular_values, 6).tolist() for c in self.target.checkpoints],
+            "checkpoint_weights": self.target.weights.tolist(),
+            "score_range": [float(self.scores.min()), float(self.scores.max())] if len(self.scores) else None,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def open_for_query(
+    store_path: str, model: str | None = None, adapters: Sequence[str] | None = None, projection: dict | None = None
+) -> GradientStore:
+    """Open a finished store and refuse it when the model, adapters or projection asked for are not its own."""
+    store = GradientStore.open(store_path)
+    cfg = store.meta["config"]
+    diffs: dict[str, tuple[object, object]] = {}
+    if model is not None:
+        fp = model_fingerprint(model)
+        if fp.get("hash", fp["name"]) != cfg["model"].get("hash", cfg["model"]["name"]):
+            diffs["model"] = (cfg["model"]["name"], model)
+    if adapters is not None:
+        hashes = [adapter_fingerprint(a) for a in adapters]
+        if hashes != cfg["adapters"]:
+            diffs["adapters"] = (store.meta.get("adapters"), list(adapters))
+    if projection is not None:
+        for k, v in projection.items():
+            if cfg["projection"].get(k) != v:
+                diffs[f"projection.{k}"] = (cfg["projection"].get(k), v)
+    if diffs:
+        raise ConfigMismatchError(f"{store_path}: the store was built differently", diffs)
+    return store
+
+
+def load_checkpointed_model(
+    store: GradientStore,
+    model: str | None = None,
+    adapters: Sequence[str] | None = None,
+    device=None,
+    trust_remote_code: bool = False,
+) -> CheckpointedModel:
+    """The store's model and adapters (from their recorded paths unless given), checked against its fingerprints."""
+    model = model or store.meta["model"]
+    adapters = list(adapters or store.meta["adapters"])
+    cm = CheckpointedModel(model, adapters, device, store.meta["config"]["compute"]["model_dtype"], trust_remote_code)
+    now = cm.fingerprint()
+    diffs = {
+        k: (store.meta["config"][k], now[k])
+        for k in ("model", "adapters", "lora", "source_dim")
+        if store.meta["config"][k] != now[k]
+    }
+    if diffs:
+        raise ConfigMismatchError(f"{store.path}: the model or adapters at {model} changed since the build", diffs)
+    return cm
+
+
+def validation_vectors(store: GradientStore, cm: CheckpointedModel, target_files: Sequence[str], batch_size: int = 16):
+    """Projected (unnormalised) SGD gradients of the target's validation examples, per checkpoint."""
+    examples = load_examples(target_files, cm.tokenizer.eos_token, what="target")
+    max_length = store.meta["config"]["compute"]["max_length"]
+    enc = [encode(e, cm.tokenizer, max_length) for e in examples]
+    keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]
+    if not keep:
+        raise DataError(
+            ", ".join(target_files), None, None, f"no target example has a response within {max_length} tokens"
+        )
+    if len(keep) < len(enc):
+        log.warning("%d target examples have no response within %d tokens; ignored", len(enc) - len(keep), max_length)
+    projector = projector_of(store)
+    vecs = [
+        cm.gradients([enc[i] for i in keep], c, projector, "sgd", batch_size)["vectors"]
+        for c in range(len(cm.adapters))
+    ]
+    return vecs, [examples[i].subtask for i in keep]
+
+
+def _prefetch(it, depth: int = 2):
+    """Run an iterator in a background thread, ``depth`` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+
+    def work():
+        try:
+            for item in it:
+                q.put(item)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+        q.put(end)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _reduce(s: torch.Tensor, r: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``n`` best (score, row) pairs; among equal scores at the boundary, the lowest rows."""
+    if len(s) <= n:
+        return s, r
+    v = torch.topk(s, n).values[-1]
+    keep = s > v
+    eq = torch.nonzero(s == v).flatten()
+    eq = eq[torch.argsort(r[eq])][: n - int(keep.sum())]
+    keep[eq] = True
+    return s[keep], r[keep]
+
+
+def best_first(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order by score descending, then row ascending; drop rows without a score (-inf)."""
+    order = np.lexsort((rows, -scores.astype(np.float64)))
+    rows, scores = rows[order], scores[order]
+    keep = np.isfinite(scores)
+    return rows[keep], scores[keep]
+
+
+def scan_top(
+    store: GradientStore,
+    scorer: Scorer,
+    n: int,
+    chunks: Sequence[int] | None = None,
+    progress: bool = True,
+    all_scores: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``n`` rows over ``chunks`` (default all): (rows, scores), best first (ties: lower row first)."""
+    best_s = torch.empty(0, device=scorer.device)
+    best_r = torch.empty(0, dtype=torch.int64, device=scorer.device)
+    todo = range(store.n_chunks) if chunks is None else chunks
+    for start, stop, vecs, valid in progress_bar(
+        _prefetch(store.iter_chunks(todo)), enabled=progress, total=len(todo), desc="score", unit="chunk"
+    ):
+        s, _ = scorer.score([torch.from_numpy(v) for v in vecs])
+        s = torch.where(torch.from_numpy(valid).to(s.device), s, torch.full_like(s, -torch.inf))
+        if all_scores is not None:
+            all_scores[start:stop] = s.cpu().numpy()
+        best_s = torch.cat([best_s, s])
+        best_r = torch.cat([best_r, torch.arange(start, stop, device=s.device)])
+        if len(best_s) >= 2 * n + store.chunk_rows:
+            best_s, best_r = _reduce(best_s, best_r, n)
+    best_s, best_r = _reduce(best_s, best_r, n)
+    return best_first(best_r.cpu().numpy(), best_s.cpu().numpy())
+
+
+def select(
+    store_path: str,
+    target_files: Sequence[str],
+    cfg: SelectConfig,
+    out: str | None = None,
+    checkpoint_weights: Sequence[float] | None = None,
+    model: str | None = None,
+    adapters: Sequence[str] | None = None,
+    device=None,
+    progress: bool = True,
+    scores_out: str | None = None,
+) -> Selection:
+    """Score the store's pool for the target in ``target_files`` and return (and write) the top examples."""
+    t0 = time.time()
+    store = open_for_query(store_path)
+    cm = load_checkpointed_model(store, model, adapters, device)
+    vecs, subtasks = validation_vectors(store, cm, target_files, cfg.batch_size)
+    t1 = time.time()
+    weights = list(checkpoint_weights) if checkpoint_weights is not None else store.meta["weights"]
+    if len(weights) != store.n_checkpoints:
+        raise ConfigError(f"{len(weights)} checkpoint weights for a store of {store.n_checkpoints} checkpoints")
+    target = build_target(vecs, subtasks, weights, rank=cfg.rank or None, energy=cfg.energy)
+    n = cfg.n_select(int(store.meta["summary"]["n_with_gradient"]))
+    all_scores = np.full(store.n_rows, -np.inf, np.float32) if scores_out else None
+    if cfg.method == "mips":
+        rows, scores = mips_top(load_index(store), target.mips_queries(), n, cfg.candidates, cfg.nprobe)
+    else:
+        scorer = Scorer(target, cfg.method, resolve_device(device))
+        rows, scores = scan_top(store, scorer, n, progress=progress, all_scores=all_scores)
+    t2 = time.time()
+    ids = (
+        [str(store.group["ids"][int(r)]) for r in rows]
+        if len(rows) <= 1000
+        else list(np.asarray(store.column("ids"))[rows])
+    )
+    sel = Selection(
+        rows, scores, ids, target, cfg.method, store.n_rows, {"validation_gradients": t1 - t0, "scoring": t2 - t1}
+    )
+    if out:
+        write_selection(store, sel, out)
+        sel.seconds["write"] = time.time() - t2
+        _atomic_text(
+            out + ".meta.json",
+            json.dumps({"store": os.path.abspath(store_path), "targets": list(target_files), **sel.report()}, indent=1),
+        )
+    if scores_out:
+        np.save(scores_out, all_scores)
+    return sel
+
+
+def _atomic_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_selection(store: GradientStore, sel: Selection, out: str) -> None:
+    """Write the selected records (original record + id, score, rank), best first, atomically."""
+    want = {int(r): k for k, r in enumerate(sel.rows)}
+    records: list[str | None] = [None] * len(sel.rows)
+    source = store.column("source")
+    lines = store.column("line")
+    files = store.meta["data"]
+    by_file: dict[int, dict[int, int]] = {}
+    for r in want:
+        by_file.setdefault(int(source[r]), {})[int(lines[r])] = r
+    for fi, wanted_lines in sorted(by_file.items()):
+        path = files[fi]["path"]
+        for line_no, text in iter_lines(path):
+            r = wanted_lines.get(line_no)
+            if r is None:
+                continue
+            rec = parse_line(path, line_no, text)
+            rid = str(rec["id"]) if "id" in rec else f"{os.path.basename(path)}:{line_no}"
+            k = want[r]
+            if rid != sel.ids[k]:
+                raise StoreError(
+                    f"{path}:{line_no}: holds id {rid!r} where the store has {sel.ids[k]!r} (changed since the build)"
+                )
+            rec["id"], rec["score"], rec["rank"] = rid, float(sel.scores[k]), k + 1
+            records[k] = json.dumps(rec, ensure_ascii=False)
+    if any(r is None for r in records):
+        raise StoreError(f"{store.path}: some selected rows were not found in their pool files (moved or changed?)")
+    _atomic_text(out, "\n".join(records) + "\n")

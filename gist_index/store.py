@@ -1,0 +1,409 @@
+"""The gradient store: one zarr v3 group, chunked by rows, with a per-chunk manifest of checksums.
+
+Layout of ``STORE/``::
+
+    zarr.json                 group; attribute ``gist_index`` holds the format version, state and build metadata
+    ids, source, line         example id (string), index of its pool file, 1-based line in that file
+    n_chars, n_tokens, n_labels, status
+                              status 0: has a gradient; 1: response truncated away (no gradient, never selected)
+    ckpt_<c>/vectors          [N, dim] unit-norm projected gradients at checkpoint c (float16 or float32, crc32c)
+    ckpt_<c>/norms            [N] norm of the projected gradient before normalisation
+    ckpt_<c>/grad_norms, ckpt_<c>/loss
+    manifest/rows.json        the pre-pass (ids, sources, lengths) is complete
+    manifest/chunk-<i>.json   chunk i is complete: its rows and the SHA-256 of every file of the chunk
+    faiss/index.faiss         the persistent FAISS index (written when the build finalises)
+
+A manifest entry is written (atomically, after the chunk's files are fsync'ed) only once all of a chunk's data
+are durable, so a build killed at any moment resumes from the complete chunks. Readers refuse a store whose state
+is not ``complete``. Nothing in a store is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from .errors import ConfigMismatchError, CorruptStoreError, IncompleteStoreError, StoreError, StoreNotFoundError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gist_index.store"
+FORMAT_VERSION = 1
+ROW_ARRAYS = {"ids": str, "id_hash": "int64", "source": "int32", "line": "int64", "n_chars": "int64"}
+CHUNK_ARRAYS = {"n_tokens": "int32", "n_labels": "int32", "status": "int8"}
+CKPT_ARRAYS = {"norms": "float32", "grad_norms": "float32", "loss": "float32"}
+STATUS_OK, STATUS_TRUNCATED = 0, 1
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Write JSON to ``path`` durably: temp file, fsync, rename, fsync of the directory."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(d)
+
+
+def fsync_dir(d: str) -> None:
+    """fsync a directory so that renames and new files in it are durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    """A short stable hash of a JSON-able configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[object, object]]:
+    """Flattened differences between two nested dicts: {dotted key: (old, new)}."""
+    out: dict[str, tuple[object, object]] = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(diff_configs(a, b, key + "."))
+        elif a != b:
+            out[key] = (a, b)
+    return out
+
+
+class GradientStore:
+    """A gradient store on disk. Create with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.meta: dict = dict(group.attrs.get("gist_index", {}))
+
+    # -- creation and opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, path: str, config: dict, chunk_rows: int, dim: int, n_checkpoints: int, dtype: str
+    ) -> GradientStore:
+        """Create an empty store in state ``building`` (rows come later, with :meth:`resize`)."""
+        if os.path.exists(path):
+            raise StoreError(f"{path}: already exists (use --overwrite to replace it)")
+        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "state": "building",
+            "config": config,
+            "config_hash": config_hash(config),
+            "chunk_rows": int(chunk_rows),
+            "dim": int(dim),
+            "n_checkpoints": int(n_checkpoints),
+            "dtype": dtype,
+            "n_rows": 0,
+        }
+        group.attrs["gist_index"] = meta
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str, allow_incomplete: bool = False, mode: str = "r") -> GradientStore:
+        """Open a store, reading the format version first; refuse an unfinished store unless allowed."""
+        if not os.path.isfile(os.path.join(path, "zarr.json")):
+            raise StoreNotFoundError(f"{path}: no gist_index store here (no zarr.json)")
+        try:
+            group = zarr.open_group(path, mode=mode, zarr_format=3)
+        except Exception as exc:
+            raise CorruptStoreError(f"{path}: zarr group does not open ({exc})") from None
+        meta = group.attrs.get("gist_index")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StoreNotFoundError(f"{path}: a zarr group, but not a gist_index store")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path}: store format version {meta.get('format_version')}, this gist_index reads {FORMAT_VERSION}"
+            )
+        store = cls(path, group)
+        if not allow_incomplete and meta.get("state") != "complete":
+            raise IncompleteStoreError(
+                f"{path}: the build has not finished (state {meta.get('state')!r}); re-run the same build command "
+                "to resume it, or run `gist-index verify` for details"
+            )
+        return store
+
+    def check_config(self, config: dict) -> None:
+        """Raise ConfigMismatchError, showing every difference, if ``config`` is not the store's."""
+        if self.meta["config_hash"] != config_hash(config):
+            raise ConfigMismatchError(
+                f"{self.path}: built with another configuration",
+                diff_configs(self.meta["config"], config),
+                "use --overwrite to rebuild, or run with the store's settings",
+            )
+
+    def set_meta(self, **updates) -> None:
+        """Update the store's metadata (written to the group's attributes)."""
+        self._set_meta(**updates)
+
+    def _set_meta(self, **updates) -> None:
+        self.meta.update(updates)
+        self.group.attrs["gist_index"] = self.meta
+        fsync_dir(self.path)
+
+    # -- geometry -----------------------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        """Number of pool examples (rows)."""
+        return int(self.meta["n_rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk (the unit of work, of resume and of the manifest)."""
+        return int(self.meta["chunk_rows"])
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of row chunks."""
+        return -(-self.n_rows // self.chunk_rows)
+
+    @property
+    def dim(self) -> int:
+        """Stored vector dimension."""
+        return int(self.meta["dim"])
+
+    @property
+    def n_checkpoints(self) -> int:
+        """Number of adapter checkpoints."""
+        return int(self.meta["n_checkpoints"])
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """Rows [start, stop) of chunk ``i``."""
+        return i * self.chunk_rows, min(self.n_rows, (i + 1) * self.chunk_rows)
+
+    # -- the row arrays (pre-pass) ------------------------------------------------------------------------
+    def _arrays(self) -> list[str]:
+        names = list(ROW_ARRAYS) + list(CHUNK_ARRAYS)
+        for c in range(self.n_checkpoints):
+            names += [f"ckpt_{c}/vectors"] + [f"ckpt_{c}/{k}" for k in CKPT_ARRAYS]
+        return names
+
+    def ensure_arrays(self) -> None:
+        """Create every array, with no rows yet, unless they exist."""
+        if "ids" in self.group:
+            return
+        R = self.chunk_rows
+        small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+        for name, dt in {**ROW_ARRAYS, **CHUNK_ARRAYS}.items():
+            self.group.create_array(name, shape=(0,), chunks=(R,), dtype=dt, **small)
+        for c in range(self.n_checkpoints):
+            self.group.create_array(
+                f"ckpt_{c}/vectors",
+                shape=(0, self.dim),
+                chunks=(R, self.dim),
+                dtype=self.meta["dtype"],
+                serializer=BytesCodec(),
+                compressors=[Crc32cCodec()],
+            )
+            for k, dt in CKPT_ARRAYS.items():
+                self.group.create_array(f"ckpt_{c}/{k}", shape=(0,), chunks=(R,), dtype=dt, **small)
+
+    def resize(self, n_rows: int) -> None:
+        """Grow or shrink every array to ``n_rows`` rows."""
+        self.ensure_arrays()
+        for name in self._arrays():
+            arr = self.group[name]
+            arr.resize((n_rows,) + tuple(arr.shape[1:]))
+        self._set_meta(n_rows=int(n_rows))
+
+    def write_rows(self, start: int, columns: dict[str, np.ndarray]) -> None:
+        """Write pre-pass columns (ids, id_hash, source, line, n_chars) for rows ``start ..``."""
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name, values in columns.items():
+                self.group[name][start : start + len(values)] = values
+
+    # -- chunks and the manifest --------------------------------------------------------------------------
+    def _manifest_path(self, i: int) -> str:
+        return os.path.join(self.path, "manifest", f"chunk-{i:08d}.json")
+
+    def chunk_files(self, i: int) -> list[str]:
+        """Paths (relative to the store) of every file holding chunk ``i``'s data."""
+        out = []
+        for name in self._arrays():
+            key = f"c/{i}/0" if name.endswith("/vectors") else f"c/{i}"
+            out.append(f"{name}/{key}")
+        return out
+
+    def write_chunk(self, i: int, columns: dict[str, np.ndarray]) -> None:
+        """Write chunk ``i``'s computed columns, make them durable, then record the chunk in the manifest."""
+        start, stop = self.chunk_range(i)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name, values in columns.items():
+                if len(values) != stop - start:
+                    raise StoreError(f"chunk {i}: column {name} has {len(values)} rows, expected {stop - start}")
+                self.group[name][start:stop] = values
+        files = {}
+        for rel in self.chunk_files(i):
+            full = os.path.join(self.path, rel)
+            if not os.path.isfile(full):
+                raise StoreError(f"chunk {i}: {rel} was not written")
+            with open(full, "rb") as fh:
+                os.fsync(fh.fileno())
+            fsync_dir(os.path.dirname(full))
+            files[rel] = sha256_file(full)
+        entry = {"chunk": i, "rows": [start, stop], "config_hash": self.meta["config_hash"], "files": files}
+        atomic_write_json(self._manifest_path(i), entry)
+
+    def chunk_entry(self, i: int) -> dict | None:
+        """The manifest entry of chunk ``i``, or None if the chunk is not complete."""
+        try:
+            with open(self._manifest_path(i)) as fh:
+                entry = json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            return None
+        start, stop = self.chunk_range(i)
+        if entry.get("rows") != [start, stop] or entry.get("config_hash") != self.meta["config_hash"]:
+            return None
+        return entry
+
+    def done_chunks(self) -> set[int]:
+        """Indices of the chunks the manifest records as complete."""
+        return {i for i in range(self.n_chunks) if self.chunk_entry(i) is not None}
+
+    def invalidate_chunk(self, i: int) -> None:
+        """Forget chunk ``i`` (used when appending rows to a partial last chunk)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._manifest_path(i))
+
+    def mark_rows_done(self, info: dict) -> None:
+        """Record that the pre-pass finished (with what it found)."""
+        atomic_write_json(os.path.join(self.path, "manifest", "rows.json"), {**info, "n_rows": self.n_rows})
+
+    def rows_done(self) -> dict | None:
+        """The pre-pass record, or None."""
+        try:
+            with open(os.path.join(self.path, "manifest", "rows.json")) as fh:
+                info = json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return info if info.get("n_rows") == self.n_rows else None
+
+    def finalize(self, summary: dict) -> None:
+        """Mark the store complete (after every chunk and the index are durable)."""
+        index_file = os.path.join(self.path, "faiss", "index.faiss")
+        if os.path.isfile(index_file):
+            summary = {**summary, "index_sha256": sha256_file(index_file)}
+        self._set_meta(state="complete", summary=summary)
+
+    def mark_building(self) -> None:
+        """Put the store back into state ``building`` (before appending)."""
+        self._set_meta(state="building")
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Read a 1-D column (or rows of it)."""
+        return np.asarray(self.group[name][start : self.n_rows if stop is None else stop])
+
+    def vectors(self, ckpt: int, start: int, stop: int) -> np.ndarray:
+        """Unit vectors of rows [start, stop) at checkpoint ``ckpt`` as float32."""
+        return np.asarray(self.group[f"ckpt_{ckpt}/vectors"][start:stop], dtype=np.float32)
+
+    def iter_chunks(
+        self, chunks: Sequence[int] | None = None
+    ) -> Iterator[tuple[int, int, list[np.ndarray], np.ndarray]]:
+        """Yield (start, stop, [vectors per checkpoint], valid mask) for each chunk, in order."""
+        for i in range(self.n_chunks) if chunks is None else chunks:
+            start, stop = self.chunk_range(i)
+            vecs = [self.vectors(c, start, stop) for c in range(self.n_checkpoints)]
+            valid = self.column("status", start, stop) == STATUS_OK
+            yield start, stop, vecs, valid
+
+    def disk_bytes(self) -> int:
+        """Bytes on disk of the whole store."""
+        total = 0
+        for root, _, files in os.walk(self.path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+
+    @staticmethod
+    def remove(path: str) -> None:
+        """Delete a store directory (``--overwrite``); refuses a directory that is not a store."""
+        if not os.path.exists(path):
+            return
+        zj = os.path.join(path, "zarr.json")
+        if not os.path.isfile(zj) or FORMAT not in open(zj).read():
+            raise StoreError(f"{path}: exists and is not a gist_index store; not removing it")
+        shutil.rmtree(path)
+
+    # -- verification -------------------------------------------------------------------------------------
+    def verify(self, progress: bool = False) -> list[str]:
+        """Check every chunk against the manifest and the metadata against the arrays; return the problems."""
+        from .progress import bar as progress_bar
+
+        problems: list[str] = []
+        if self.meta.get("state") != "complete":
+            problems.append(f"unfinished build: state is {self.meta.get('state')!r}, not 'complete'")
+        if self.rows_done() is None:
+            problems.append("the pre-pass over the pool (ids, sources) did not finish")
+        for name in self._arrays():
+            if name not in self.group:
+                problems.append(f"array {name} is missing")
+                continue
+            shape = self.group[name].shape
+            want = (self.n_rows, self.dim) if name.endswith("/vectors") else (self.n_rows,)
+            if tuple(shape) != want:
+                problems.append(f"array {name} has shape {tuple(shape)}, metadata says {want}")
+        if problems and any("missing" in p or "shape" in p for p in problems):
+            return problems
+        missing = []
+        for i in progress_bar(range(self.n_chunks), desc="verify", enabled=progress):
+            entry = self.chunk_entry(i)
+            if entry is None:
+                missing.append(i)
+                continue
+            for rel, digest in sorted(entry["files"].items()):
+                full = os.path.join(self.path, rel)
+                if not os.path.isfile(full):
+                    problems.append(f"chunk {i}: file {rel} is missing")
+                elif sha256_file(full) != digest:
+                    problems.append(
+                        f"chunk {i}: file {rel} does not match its checksum ({os.path.getsize(full)} bytes)"
+                    )
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            problems.append(f"{len(missing)} of {self.n_chunks} chunks are not complete: {shown}")
+        if not problems:
+            status = self.column("status")
+            if not np.isin(status, (STATUS_OK, STATUS_TRUNCATED)).all():
+                problems.append("column status holds values other than 0 and 1")
+            summary = self.meta.get("summary", {})
+            if summary.get("n_with_gradient") not in (None, int((status == STATUS_OK).sum())):
+                problems.append("the summary's count of examples with a gradient does not match the status column")
+        digest = self.meta.get("summary", {}).get("index_sha256")
+        index_file = os.path.join(self.path, "faiss", "index.faiss")
+        if digest and (not os.path.isfile(index_file) or sha256_file(index_file) != digest):
+            problems.append("faiss/index.faiss is missing or does not match its checksum")
+        return problems

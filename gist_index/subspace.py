@@ -1,0 +1,160 @@
+"""A target's subspace and scoring rules: GIST (the paper's formula), LESS, and the MIPS query vectors.
+
+For each checkpoint c, with validation gradients ``V_c`` ([n_val, dim]) and sub-task labels:
+
+* GIST: ``V_c = P S Q^T`` (SVD); ``U_c = Q[:, :k]``; the coordinates of sub-task s are the mean of its
+  examples' ``V_c U_c`` rows, normalised to ``m_cs``. A training example ``x`` scores
+  ``max_s sum_c w_c cos(U_c^T x_c, m_cs)``.
+* LESS: ``max_s mean_{j in s} sum_c w_c cos(x_c, v_cj)``.
+* MIPS: the query of sub-task s is ``[w_c U_c m_cs]_c`` (concatenated over checkpoints); the index answers
+  ``max_s sum_c w_c <x_c / |x_c|, U_c m_cs>``, the cosine of the whole gradient with the target direction.
+
+The rank k is given, or chosen from the spectrum: the smallest k holding ``energy`` of the squared singular
+values, but at least the number of sub-tasks (so each sub-task can have its own direction) and at least 2
+(with k = 1 every cosine is +-1), and at most the numerical rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+METHODS = ("gist", "less", "mips")
+
+
+def choose_rank(singular_values: np.ndarray, n_subtasks: int, energy: float = 0.9) -> int:
+    """The automatic rank: see the module docstring."""
+    s2 = np.asarray(singular_values, dtype=np.float64) ** 2
+    if s2.sum() <= 0:
+        raise ConfigError("the validation gradients are all zero: no subspace to select with")
+    numerical = int((s2 > s2[0] * 1e-10).sum())
+    cum = np.cumsum(s2) / s2.sum()
+    k = int(np.searchsorted(cum, energy - 1e-12) + 1)
+    return int(max(1, min(numerical, max(k, n_subtasks, 2))))
+
+
+def group_subtasks(subtasks: Sequence[str | None]) -> tuple[list[str], np.ndarray]:
+    """Sub-task names in order of first appearance and each example's sub-task index (None: one sub-task)."""
+    names: list[str] = []
+    idx = []
+    for s in subtasks:
+        s = "all" if s is None else s
+        if s not in names:
+            names.append(s)
+        idx.append(names.index(s))
+    return names, np.asarray(idx, dtype=np.int64)
+
+
+@dataclass
+class CheckpointSubspace:
+    """GIST's subspace at one checkpoint."""
+
+    basis: np.ndarray  # [dim, k] orthonormal columns
+    directions: np.ndarray  # [n_subtasks, k] unit rows: normalised mean coordinates per sub-task
+    singular_values: np.ndarray  # all of them, descending
+    less_directions: np.ndarray  # [n_subtasks, dim]: mean of the normalised validation vectors per sub-task
+
+    @property
+    def rank(self) -> int:
+        """The k in use."""
+        return int(self.basis.shape[1])
+
+
+@dataclass
+class Target:
+    """Everything needed to score the pool for one target."""
+
+    subtasks: list[str]
+    weights: np.ndarray  # [n_checkpoints], summing to 1
+    checkpoints: list[CheckpointSubspace] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list[int]:
+        """k per checkpoint."""
+        return [c.rank for c in self.checkpoints]
+
+    def energy_captured(self) -> list[float]:
+        """Fraction of the squared singular values inside the chosen subspace, per checkpoint."""
+        out = []
+        for c in self.checkpoints:
+            s2 = c.singular_values**2
+            out.append(float(s2[: c.rank].sum() / s2.sum()))
+        return out
+
+    def mips_queries(self) -> np.ndarray:
+        """[n_subtasks, n_checkpoints * dim] query vectors for the FAISS index (see module docstring)."""
+        parts = [w * (c.directions @ c.basis.T) for w, c in zip(self.weights, self.checkpoints)]
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def build_target(
+    val_vectors: Sequence[np.ndarray],
+    subtasks: Sequence[str | None],
+    weights: Sequence[float],
+    rank: int | None = None,
+    energy: float = 0.9,
+) -> Target:
+    """Build a target from per-checkpoint validation vectors ([n_val, dim] each, unnormalised)."""
+    names, idx = group_subtasks(subtasks)
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != len(val_vectors) or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"checkpoint weights {list(weights)} do not fit {len(val_vectors)} checkpoints")
+    target = Target(subtasks=names, weights=w / w.sum())
+    onehot = np.zeros((len(names), len(idx)))
+    onehot[idx, np.arange(len(idx))] = 1.0
+    onehot /= onehot.sum(1, keepdims=True)
+    for V in val_vectors:
+        V = np.asarray(V, dtype=np.float64)
+        _, S, Qt = np.linalg.svd(V, full_matrices=False)
+        k = choose_rank(S, len(names), energy) if rank is None else int(rank)
+        if not 1 <= k <= len(S):
+            raise ConfigError(f"--rank {k} is out of range: the target has {len(S)} validation examples")
+        basis = Qt[:k].T
+        mean = onehot @ (V @ basis)
+        norms = np.linalg.norm(mean, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ConfigError("a sub-task's validation gradients vanish inside the subspace; choose a larger --rank")
+        vn = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-30)
+        target.checkpoints.append(CheckpointSubspace(basis, mean / norms, S, onehot @ vn))
+    return target
+
+
+class Scorer:
+    """Scores chunks of stored (unit) vectors for one target and method, on a torch device."""
+
+    def __init__(self, target: Target, method: str, device="cpu"):
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        self.method = method
+        self.device = torch.device(device)
+        self.weights = [float(w) for w in target.weights]
+        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+        if method == "gist":
+            self.mats = [t(c.basis) for c in target.checkpoints]
+            self.dirs = [t(c.directions.T) for c in target.checkpoints]
+        elif method == "less":
+            self.mats = [t(c.less_directions.T) for c in target.checkpoints]
+        else:
+            self.mats = [t(c.basis @ c.directions.T) for c in target.checkpoints]
+
+    def score(self, vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [rows] and the best sub-task [rows] for per-checkpoint vectors ([rows, dim] each)."""
+        total = None
+        for c, x in enumerate(vectors):
+            x = x.to(self.device, torch.float32)
+            if self.method == "gist":
+                coords = x @ self.mats[c]
+                cos = (coords @ self.dirs[c]) / coords.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            else:
+                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                cos = x @ self.mats[c]
+            total = cos * self.weights[c] if total is None else total + cos * self.weights[c]
+        best, arg = total.max(dim=1)
+        return best, arg
