@@ -65,12 +65,46 @@ def describe_files(paths: Sequence[str]) -> list[dict]:
     ]
 
 
-def scan_pool(store: GradientStore, files: list[dict], first_row: int, eos: str, progress: bool) -> list[dict]:
-    """Validate every record of ``files`` and write ids, sources and lengths from ``first_row`` on.
+def validate_pool(files: list[dict], eos: str, store: GradientStore | None, progress: bool) -> int:
+    """Parse every record of ``files`` before anything is written: the first malformed record (file, line, field)
+    or a duplicate id (within the files or with ``store``'s rows) raises a DataError. Returns the row count."""
+    hashes = []
+    bar = progress_bar(desc="check pool", unit="ex", enabled=progress)
+    for f in files:
+        for line_no, text in iter_lines(f["path"]):
+            hashes.append(id_hash(parse_example(parse_line(f["path"], line_no, text), f["path"], line_no, eos).id))
+            bar.update(1)
+    bar.close()
+    if not hashes:
+        raise DataError(", ".join(f["path"] for f in files), None, None, "no examples in the data files")
+    old = store.column("id_hash") if store is not None and store.n_rows else np.zeros(0, np.int64)
+    new = np.asarray(hashes, np.int64)
+    uniq, counts = np.unique(np.concatenate([old, new]), return_counts=True)
+    suspects = set(uniq[counts > 1].tolist())
+    if suspects:
+        _report_duplicate(files, eos, store, old, suspects)
+    return len(hashes)
 
-    Fails on the first malformed record (file, line, field) and on a duplicate id. Returns ``files`` with their
-    row ranges.
-    """
+
+def _report_duplicate(files: list[dict], eos: str, store: GradientStore | None, old: np.ndarray, suspects: set) -> None:
+    """Find where a duplicate id (hash collision aside) occurs first and again, and raise."""
+    seen: dict[str, str] = {}
+    if store is not None:
+        for r in np.flatnonzero(np.isin(old, list(suspects))):
+            f = store.meta["data"][int(store.group["source"][int(r)])]
+            seen.setdefault(str(store.group["ids"][int(r)]), f"{f['path']}:{int(store.group['line'][int(r)])}")
+    for f in files:
+        for line_no, text in iter_lines(f["path"]):
+            ex = parse_example(parse_line(f["path"], line_no, text), f["path"], line_no, eos)
+            if id_hash(ex.id) in suspects:
+                if ex.id in seen:
+                    raise DataError(f["path"], line_no, "id", f"duplicate id {ex.id!r} (first at {seen[ex.id]})")
+                seen[ex.id] = f"{f['path']}:{line_no}"
+
+
+def scan_pool(store: GradientStore, files: list[dict], first_row: int, eos: str, progress: bool) -> list[dict]:
+    """Write ids, id hashes, sources and lengths of ``files`` (validated already) from ``first_row`` on.
+    Returns ``files`` with their row ranges."""
     R = store.chunk_rows
     block = R * max(1, 65536 // R)  # rows per write: chunk-aligned, few metadata updates
     store.resize(first_row)
@@ -88,7 +122,7 @@ def scan_pool(store: GradientStore, files: list[dict], first_row: int, eos: str,
                 v.clear()
             start = row
 
-    bar = progress_bar(desc="scan pool", unit="ex", enabled=progress)
+    bar = progress_bar(desc="index pool", unit="ex", enabled=progress)
     for fi, f in enumerate(files):
         first = row
         for line_no, text in iter_lines(f["path"]):
@@ -105,27 +139,7 @@ def scan_pool(store: GradientStore, files: list[dict], first_row: int, eos: str,
         out.append({**f, "rows": [first, row]})
     flush()
     bar.close()
-    if row == first_row:
-        raise DataError(", ".join(f["path"] for f in files), None, None, "no examples in the data files")
-    _check_duplicates(store, out, n_before)
     return out
-
-
-def _check_duplicates(store: GradientStore, files: list[dict], n_before: int) -> None:
-    hashes = store.column("id_hash")
-    uniq, counts = np.unique(hashes, return_counts=True)
-    all_files = store.meta.get("data", []) + files
-    for h in uniq[counts > 1]:
-        rows = [int(r) for r in np.flatnonzero(hashes == h)]
-        names = [str(store.group["ids"][r]) for r in rows]
-        for j in range(1, len(rows)):
-            if names[j] in names[:j]:
-                first = rows[names.index(names[j])]
-                where = lambda r: (all_files[int(store.group["source"][r])]["path"], int(store.group["line"][r]))  # noqa: E731
-                path, line = where(rows[j])
-                raise DataError(
-                    path, line, "id", f"duplicate id {names[j]!r} (first at {':'.join(map(str, where(first)))})"
-                )
 
 
 def iter_chunk_examples(store: GradientStore, chunks: Sequence[int], eos: str) -> Iterator[tuple[int, list[Example]]]:
@@ -196,14 +210,27 @@ def assign_chunks(char_totals: dict[int, int], world: int) -> list[list[int]]:
 
 
 def _open_or_create(
-    out: str, config: dict, files: list[dict], cfg: BuildConfig, n_ckpt: int, dim: int, overwrite: bool, append: bool
+    out: str,
+    config: dict,
+    files: list[dict],
+    cfg: BuildConfig,
+    n_ckpt: int,
+    dim: int,
+    overwrite: bool,
+    append: bool,
+    eos: str,
+    progress: bool,
 ) -> tuple[GradientStore, list[dict]]:
-    """Rank 0: the store to work on, and the data files still to scan (empty when resuming after the scan)."""
+    """Rank 0: the store to work on, and the data files still to scan (empty when resuming after the scan).
+    New data are validated before the store is created or changed, so bad input leaves nothing half-written."""
+    if append and not os.path.exists(out):
+        raise StoreError(f"{out}: --append needs an existing store")
     if overwrite and os.path.exists(out):
+        validate_pool(files, eos, None, progress)
         GradientStore.remove(out)
+    elif not os.path.exists(out):
+        validate_pool(files, eos, None, progress)
     if not os.path.exists(out):
-        if append:
-            raise StoreError(f"{out}: --append needs an existing store")
         store = GradientStore.create(out, config, cfg.chunk_rows, dim, n_ckpt, cfg.vector_dtype)
         store.set_meta(data=[], pending=files)
         return store, files
@@ -218,6 +245,7 @@ def _open_or_create(
         if new:
             if store.meta["state"] != "complete":
                 raise StoreError(f"{out}: finish the interrupted build before appending (re-run it)")
+            validate_pool(new, eos, store, progress)
             store.mark_building()
             store.set_meta(pending=new)
             return store, new
@@ -260,7 +288,9 @@ def build_store(
     eos = cm.tokenizer.eos_token
     if rank == 0:
         files = describe_files(paths)
-        store, to_scan = _open_or_create(out, config, files, cfg, len(adapters), projector.dim, overwrite, append)
+        store, to_scan = _open_or_create(
+            out, config, files, cfg, len(adapters), projector.dim, overwrite, append, eos, progress
+        )
         store.set_meta(model=model, adapters=[os.path.abspath(a) for a in cm.adapters], weights=weights, eos=eos)
         index_from = 0
         if to_scan or store.rows_done() is None:

@@ -20,7 +20,7 @@ def _add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tu
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = "--" + (prefix + f.name).replace("_", "-")
         kind = hints[f.name]
         if typing.get_origin(kind) is tuple:
             group.add_argument(flag, dest=prefix + f.name, nargs="+", default=list(f.default), help=f.metadata["help"])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -62,27 +62,31 @@ class Encoded:
         return int(self.label_mask[1:].sum())
 
 
-def open_text(path: str) -> io.TextIOBase:
-    """Open a ``.jsonl`` or ``.jsonl.gz`` file as UTF-8 text; a missing file is an InputNotFoundError."""
+def open_binary(path: str):
+    """Open a ``.jsonl`` or ``.jsonl.gz`` file for reading bytes; a missing file is an InputNotFoundError."""
     if not os.path.isfile(path):
         raise InputNotFoundError(path, "data file")
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
-    return open(path, encoding="utf-8", errors="strict")
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) for each non-blank line; undecodable bytes are a DataError."""
-    with open_text(path) as fh:
+    with open_binary(path) as fh:
         line_no = 0
         while True:
             try:
-                text = fh.readline()
-            except (UnicodeDecodeError, OSError, EOFError) as exc:
+                raw = fh.readline()
+            except (OSError, EOFError, zlib.error) as exc:
                 raise DataError(path, line_no + 1, None, f"cannot be read: {exc}") from None
-            if not text:
+            if not raw:
                 return
             line_no += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    path, line_no, None, f"cannot be read: not UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from None
             if text.strip():
                 yield line_no, text
 

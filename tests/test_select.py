@@ -1,0 +1,156 @@
+"""With --dim 0, selection equals a direct numpy implementation of the paper's formula (GIST) and of LESS's,
+computed from reference gradients of a batch-size-1 autograd loop."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gist_index import BuildConfig, build, select
+from gist_index.data import encode, load_examples, read_examples
+from gist_index.extract import CheckpointedModel, collate, reference_gradients
+
+MAXLEN = 128
+
+
+def _reference_grads(cm, examples, ckpt, adam=False):
+    cm.use(ckpt)
+    rows = []
+    for ex in examples:
+        e = encode(ex, cm.tokenizer, MAXLEN)
+        if e.n_label_tokens == 0:
+            rows.append(None)
+            continue
+        batch = collate([e], cm.tokenizer.pad_token_id, "cpu")
+        rows.append(reference_gradients(cm.pm, batch, cm.adam_state(ckpt) if adam else None)[0].double().numpy())
+    return rows
+
+
+def gist_reference(train, val, subtasks, weights, k):
+    """The paper's formula, the way the official code computes it (Gram matrix eigendecomposition)."""
+    names = sorted(set(subtasks), key=subtasks.index)
+    w = np.asarray(weights, float) / np.sum(weights)
+    acc = 0
+    for T, V, wc in zip(train, val, w):
+        lam, vec = np.linalg.eigh(V @ V.T)
+        order = np.argsort(lam)[::-1]
+        lam, vec = lam[order], vec[:, order]
+        S = np.sqrt(np.clip(lam, 0, None))
+        U = V.T @ (vec[:, :k] / S[:k])  # right singular vectors, D x k
+        val_coords = vec[:, :k] * S[:k]
+        means = np.stack([val_coords[[i for i, s in enumerate(subtasks) if s == n]].mean(0) for n in names])
+        means /= np.linalg.norm(means, axis=1, keepdims=True)
+        coords = T @ U
+        coords /= np.linalg.norm(coords, axis=1, keepdims=True)
+        acc = acc + wc * (coords @ means.T)
+    return acc.max(1)
+
+
+def less_reference(train, val, subtasks, weights):
+    """LESS: cosine with each validation example, summed over checkpoints, mean per sub-task, max."""
+    names = sorted(set(subtasks), key=subtasks.index)
+    acc = 0
+    for T, V, wc in zip(train, val, weights):
+        Tn = T / np.linalg.norm(T, axis=1, keepdims=True)
+        Vn = V / np.linalg.norm(V, axis=1, keepdims=True)
+        acc = acc + wc * (Tn @ Vn.T)
+    per = np.stack([acc[:, [i for i, s in enumerate(subtasks) if s == n]].mean(1) for n in names], axis=1)
+    return per.max(1)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_model_dir, tiny_adapters, pool_file, target_file, tmp_path_factory):
+    d = tmp_path_factory.mktemp("exact")
+    stores = {}
+    for grad in ("sgd", "adam"):
+        cfg = BuildConfig(dim=0, max_length=MAXLEN, batch_size=7, chunk_rows=16, gradient=grad)
+        stores[grad] = str(d / f"{grad}.gist")
+        build(tiny_model_dir, tiny_adapters, [pool_file], stores[grad], cfg, progress=False, checkpoint_weights=[1, 3])
+    cm = CheckpointedModel(tiny_model_dir, tiny_adapters, device="cpu")
+    pool = list(read_examples(pool_file))
+    val = load_examples([target_file])
+    ref = {}
+    for grad in ("sgd", "adam"):
+        rows = [_reference_grads(cm, pool, c, adam=grad == "adam") for c in range(2)]
+        ref[grad] = rows
+    ref["val"] = [np.stack(_reference_grads(cm, val, c)) for c in range(2)]
+    ref["subtasks"] = [e.subtask for e in val]
+    return stores, ref, d
+
+
+def _train_matrix(rows):
+    ok = [i for i, r in enumerate(rows) if r is not None]
+    return ok, np.stack([rows[i] for i in ok])
+
+
+@pytest.mark.parametrize("rank", [0, 2, 3])
+def test_gist_equals_numpy_paper_formula(exact, target_file, rank):
+    stores, ref, d = exact
+    out = str(d / f"gist{rank}.jsonl")
+    scores_file = str(d / f"gist{rank}.npy")
+    sel = select(
+        stores["sgd"], [target_file], out, method="gist", rank=rank, top=10, scores_out=scores_file, progress=False
+    )
+    k = sel.target.ranks[0]
+    assert sel.target.ranks == [k, k] and (rank == 0 or k == rank)
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    expected = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k)
+    got = np.load(scores_file)
+    assert np.isneginf(np.delete(got, ok)).all()  # no gradient, no score
+    np.testing.assert_allclose(got[ok], expected, atol=2e-4)
+    top = [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
+    assert list(sel.rows) == top
+    lines = [json.loads(line) for line in open(out)]
+    assert [r["rank"] for r in lines] == list(range(1, 11))
+    assert [r["id"] for r in lines] == sel.ids
+    assert all("messages" in r or "prompt" in r for r in lines)  # the original records, ready to train on
+
+
+def test_less_equals_less_formula_on_adam_store(exact, target_file):
+    stores, ref, d = exact
+    scores_file = str(d / "less.npy")
+    sel = select(
+        stores["adam"],
+        [target_file],
+        str(d / "less.jsonl"),
+        method="less",
+        fraction=0.25,
+        scores_out=scores_file,
+        progress=False,
+    )
+    ok, T0 = _train_matrix(ref["adam"][0])
+    _, T1 = _train_matrix(ref["adam"][1])
+    expected = less_reference([T0, T1], ref["val"], ref["subtasks"], [0.25, 0.75])
+    got = np.load(scores_file)
+    np.testing.assert_allclose(got[ok], expected, atol=2e-4)
+    assert len(sel.rows) == round(0.25 * len(ok))
+    assert list(sel.rows) == [ok[i] for i in np.argsort(-expected, kind="stable")[: len(sel.rows)]]
+
+
+def test_mips_with_flat_index_equals_exact_scan_of_its_objective(exact, target_file):
+    stores, _, d = exact
+    from gist_index.select import open_for_query, scan_top
+    from gist_index.subspace import Scorer
+
+    mips = select(stores["sgd"], [target_file], None, method="mips", top=8, progress=False)
+    store = open_for_query(stores["sgd"])
+    assert store.meta["summary"]["index_factory"] == "Flat"
+    rows, scores = scan_top(store, Scorer(mips.target, "mips"), 8, progress=False)
+    assert list(mips.rows) == list(rows)
+    np.testing.assert_allclose(mips.scores, scores, atol=1e-5)
+
+
+def test_truncated_examples_are_reported_and_never_selected(exact, pool_file, target_file):
+    stores, _, d = exact
+    from gist_index import info
+
+    meta = info(stores["sgd"])
+    assert meta["n_truncated"] >= 1
+    from gist_index.store import GradientStore
+
+    s = GradientStore.open(stores["sgd"])
+    assert "too-long" in s.meta["summary"]["truncated_ids"]
+    sel = select(stores["sgd"], [target_file], None, fraction=1.0, progress=False)
+    assert "too-long" not in sel.ids
+    assert len(sel.rows) == meta["n_with_gradient"]
