@@ -49,12 +49,22 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _broadcast(obj, world: int):
+def broadcast(obj, world: int):
+    """Rank 0's ``obj`` on every rank (identity in a single process)."""
     if world == 1:
         return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(obj, world: int) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def describe_files(paths: Sequence[str]) -> list[dict]:
@@ -308,7 +318,7 @@ def build_store(
         plan = assign_chunks(totals, world)
         log.info("%d of %d chunks to compute, on %d process(es)", len(totals), store.n_chunks, world)
     _barrier(world)
-    plan = _broadcast(plan if rank == 0 else None, world)
+    plan = broadcast(plan if rank == 0 else None, world)
     store = GradientStore.open(out, allow_incomplete=True, mode="r+") if rank else store
     mine = plan[rank]
     n_mine = sum(min(store.n_rows, (i + 1) * store.chunk_rows) - i * store.chunk_rows for i in mine) * len(adapters)
@@ -324,7 +334,7 @@ def build_store(
     if rank == 0:
         _finish(store, cfg, t0, progress, index_from)
     _barrier(world)
-    return GradientStore.open(out) if rank == 0 else store
+    return GradientStore.open(out)
 
 
 def _finish(store: GradientStore, cfg: BuildConfig, t0: float, progress: bool, index_from: int) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 
@@ -199,6 +200,8 @@ def run(args) -> int:
 def main(argv=None) -> int:
     """Entry point of ``gist-index`` and ``python -m gist_index``."""
     args = make_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone prints
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -212,6 +215,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("gist-index: interrupted", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

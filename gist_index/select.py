@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .build import projector_of
+from .build import broadcast, dist_info, gather, projector_of
 from .config import SelectConfig
 from .data import encode, iter_lines, load_examples, parse_line
 from .errors import ConfigError, ConfigMismatchError, DataError, StoreError
@@ -211,40 +211,51 @@ def select(
     progress: bool = True,
     scores_out: str | None = None,
 ) -> Selection:
-    """Score the store's pool for the target in ``target_files`` and return (and write) the top examples."""
+    """Score the store's pool for the target in ``target_files`` and return (and write) the top examples.
+
+    Under torchrun (``WORLD_SIZE > 1``) rank 0 computes the target and broadcasts it, every rank scans its share of
+    the chunks, and the per-rank top lists are merged on rank 0 (which alone writes): the same result as one
+    process. Other ranks return their own share.
+    """
     t0 = time.time()
+    rank, world = dist_info()
     store = open_for_query(store_path)
-    cm = load_checkpointed_model(store, model, adapters, device)
-    vecs, subtasks = validation_vectors(store, cm, target_files, cfg.batch_size)
-    t1 = time.time()
-    weights = list(checkpoint_weights) if checkpoint_weights is not None else store.meta["weights"]
-    if len(weights) != store.n_checkpoints:
-        raise ConfigError(f"{len(weights)} checkpoint weights for a store of {store.n_checkpoints} checkpoints")
-    target = build_target(vecs, subtasks, weights, rank=cfg.rank or None, energy=cfg.energy)
     n = cfg.n_select(int(store.meta["summary"]["n_with_gradient"]))
+    target = None
+    if rank == 0:
+        cm = load_checkpointed_model(store, model, adapters, device)
+        vecs, subtasks = validation_vectors(store, cm, target_files, cfg.batch_size)
+        weights = list(checkpoint_weights) if checkpoint_weights is not None else store.meta["weights"]
+        if len(weights) != store.n_checkpoints:
+            raise ConfigError(f"{len(weights)} checkpoint weights for a store of {store.n_checkpoints} checkpoints")
+        target = build_target(vecs, subtasks, weights, rank=cfg.rank or None, energy=cfg.energy)
+    target = broadcast(target, world)
+    t1 = time.time()
     all_scores = np.full(store.n_rows, -np.inf, np.float32) if scores_out else None
     if cfg.method == "mips":
         rows, scores = mips_top(load_index(store), target.mips_queries(), n, cfg.candidates, cfg.nprobe)
     else:
         scorer = Scorer(target, cfg.method, resolve_device(device))
-        rows, scores = scan_top(store, scorer, n, progress=progress, all_scores=all_scores)
+        mine = list(range(rank, store.n_chunks, world))
+        rows, scores = scan_top(store, scorer, n, mine, progress=progress and rank == 0, all_scores=all_scores)
+        if world > 1:
+            parts = gather((rows, scores, all_scores), world)
+            if rank == 0:
+                rows, scores = best_first(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+                rows, scores = rows[:n], scores[:n]
+                if all_scores is not None:
+                    all_scores = np.max(np.stack([p[2] for p in parts]), axis=0)
     t2 = time.time()
-    ids = (
-        [str(store.group["ids"][int(r)]) for r in rows]
-        if len(rows) <= 1000
-        else list(np.asarray(store.column("ids"))[rows])
-    )
+    ids = list(store.column("ids")[rows]) if len(rows) > 1000 else [str(store.group["ids"][int(r)]) for r in rows]
     sel = Selection(
         rows, scores, ids, target, cfg.method, store.n_rows, {"validation_gradients": t1 - t0, "scoring": t2 - t1}
     )
-    if out:
+    if out and rank == 0:
         write_selection(store, sel, out)
         sel.seconds["write"] = time.time() - t2
-        _atomic_text(
-            out + ".meta.json",
-            json.dumps({"store": os.path.abspath(store_path), "targets": list(target_files), **sel.report()}, indent=1),
-        )
-    if scores_out:
+        report = {"store": os.path.abspath(store_path), "targets": list(target_files), **sel.report()}
+        _atomic_text(out + ".meta.json", json.dumps(report, indent=1))
+    if scores_out and rank == 0:
         np.save(scores_out, all_scores)
     return sel
 

@@ -113,10 +113,16 @@ class GradientStore:
     def create(
         cls, path: str, config: dict, chunk_rows: int, dim: int, n_checkpoints: int, dtype: str
     ) -> GradientStore:
-        """Create an empty store in state ``building`` (rows come later, with :meth:`resize`)."""
+        """Create an empty store in state ``building`` (rows come later, with :meth:`resize`).
+
+        The group is made in a temporary directory beside ``path`` and renamed into place once its metadata are
+        written, so a crash never leaves a directory at ``path`` that is not a store.
+        """
         if os.path.exists(path):
             raise StoreError(f"{path}: already exists (use --overwrite to replace it)")
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.creating-")
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -129,8 +135,16 @@ class GradientStore:
             "dtype": dtype,
             "n_rows": 0,
         }
-        group.attrs["gist_index"] = meta
-        return cls(path, group)
+        try:
+            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            group.attrs["gist_index"] = meta
+            fsync_dir(tmp)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(parent)
+        return cls(path, zarr.open_group(path, mode="r+", zarr_format=3))
 
     @classmethod
     def open(cls, path: str, allow_incomplete: bool = False, mode: str = "r") -> GradientStore:
@@ -334,11 +348,22 @@ class GradientStore:
     def iter_chunks(
         self, chunks: Sequence[int] | None = None
     ) -> Iterator[tuple[int, int, list[np.ndarray], np.ndarray]]:
-        """Yield (start, stop, [vectors per checkpoint], valid mask) for each chunk, in order."""
+        """Yield (start, stop, [vectors per checkpoint], valid mask) for each chunk, in order.
+
+        A missing chunk file (which zarr would read as zeros) or a checksum error is a CorruptStoreError.
+        """
         for i in range(self.n_chunks) if chunks is None else chunks:
             start, stop = self.chunk_range(i)
-            vecs = [self.vectors(c, start, stop) for c in range(self.n_checkpoints)]
-            valid = self.column("status", start, stop) == STATUS_OK
+            for name in [f"ckpt_{c}/vectors/c/{i}/0" for c in range(self.n_checkpoints)] + [f"status/c/{i}"]:
+                if not os.path.isfile(os.path.join(self.path, name)):
+                    raise CorruptStoreError(f"{self.path}: {name} is missing; run `gist-index verify {self.path}`")
+            try:
+                vecs = [self.vectors(c, start, stop) for c in range(self.n_checkpoints)]
+                valid = self.column("status", start, stop) == STATUS_OK
+            except ValueError as exc:
+                raise CorruptStoreError(
+                    f"{self.path}: chunk {i} is corrupt ({exc}); run `gist-index verify {self.path}`"
+                ) from None
             yield start, stop, vecs, valid
 
     def disk_bytes(self) -> int:
