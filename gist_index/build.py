@@ -9,6 +9,7 @@ the manifest) are skipped.
 
 from __future__ import annotations
 
+import array
 import datetime
 import logging
 import os
@@ -78,7 +79,7 @@ def describe_files(paths: Sequence[str]) -> list[dict]:
 def validate_pool(files: list[dict], eos: str, store: GradientStore | None, progress: bool) -> int:
     """Parse every record of ``files`` before anything is written: the first malformed record (file, line, field)
     or a duplicate id (within the files or with ``store``'s rows) raises a DataError. Returns the row count."""
-    hashes = []
+    hashes = array.array("q")  # 8 bytes per example
     bar = progress_bar(desc="check pool", unit="ex", enabled=progress)
     for f in files:
         for line_no, text in iter_lines(f["path"]):
@@ -88,7 +89,7 @@ def validate_pool(files: list[dict], eos: str, store: GradientStore | None, prog
     if not hashes:
         raise DataError(", ".join(f["path"] for f in files), None, None, "no examples in the data files")
     old = store.column("id_hash") if store is not None and store.n_rows else np.zeros(0, np.int64)
-    new = np.asarray(hashes, np.int64)
+    new = np.frombuffer(hashes, dtype=np.int64)
     uniq, counts = np.unique(np.concatenate([old, new]), return_counts=True)
     suspects = set(uniq[counts > 1].tolist())
     if suspects:

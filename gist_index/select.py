@@ -246,7 +246,11 @@ def select(
                 if all_scores is not None:
                     all_scores = np.max(np.stack([p[2] for p in parts]), axis=0)
     t2 = time.time()
-    ids = list(store.column("ids")[rows]) if len(rows) > 1000 else [str(store.group["ids"][int(r)]) for r in rows]
+    ids = (
+        [str(i) for i in store.column("ids")[rows]]
+        if len(rows) > 1000
+        else [str(store.group["ids"][int(r)]) for r in rows]
+    )
     sel = Selection(
         rows, scores, ids, target, cfg.method, store.n_rows, {"validation_gradients": t1 - t0, "scoring": t2 - t1}
     )
