@@ -42,7 +42,7 @@ from gist_index.model import make_llama, new_lora, save_model, train_tokenizer  
 POOL = os.path.join(HERE, "..", "..", "shared", "data", "pool", "t0.jsonl.gz")
 CACHE = os.path.join(HERE, "results", "cache", "extract")
 PRESETS = {
-    "quick": {"n": 48, "n_ref": 16, "mem_n": 64},
+    "quick": {"n": 32, "n_ref": 16, "mem_n": 32},
     "medium": {"n": 256, "n_ref": 48, "mem_n": 256},
     "large": {"n": 1024, "n_ref": 128, "mem_n": 1024},
 }
@@ -190,6 +190,7 @@ def build_worker(n: int, device: str, out_dir: str) -> dict:
     from gist_index import BuildConfig, build
 
     model_dir, adapter_dir = setup()
+    os.makedirs(out_dir, exist_ok=True)
     pool = os.path.join(out_dir, f"pool{n}.jsonl")
     with open(pool, "w") as fh:
         for r in read_pool(n, skip=500):
