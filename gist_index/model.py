@@ -219,6 +219,9 @@ def make_llama(
 
 def save_model(model, tokenizer, out_dir: str) -> str:
     """Save a model and tokenizer in the usual transformers layout (safetensors)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
