@@ -10,6 +10,7 @@ the manifest) are skipped.
 from __future__ import annotations
 
 import array
+import dataclasses
 import datetime
 import logging
 import os
@@ -293,6 +294,9 @@ def build_store(
     if checkpoint_weights is not None and len(checkpoint_weights) != len(adapters):
         raise ConfigError(f"{len(checkpoint_weights)} checkpoint weights for {len(adapters)} adapters")
     cm = CheckpointedModel(model, adapters, device, cfg.model_dtype, trust_remote_code)
+    if cfg.dim >= cm.source_dim:
+        log.info("--dim %d is not below the %d LoRA parameters: storing raw gradients (exact)", cfg.dim, cm.source_dim)
+        cfg = dataclasses.replace(cfg, dim=0)
     projector = make_projector(cfg.projection, cm.source_dim, cfg.dim, cfg.seed)
     config = {"compute": cfg.compute_config(), **cm.fingerprint(), "projection": projector.spec()}
     weights = list(checkpoint_weights) if checkpoint_weights is not None else default_weights(cm.adapters)
