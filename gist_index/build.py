@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import BuildConfig
-from .data import Example, check_paths, encode, file_sha256, id_hash, iter_lines, parse_example, parse_line
+from .data import Example, check_paths, encode, id_hash, iter_lines, parse_example, parse_line, sha256_file
 from .errors import ConfigError, ConfigMismatchError, DataError, StoreError
 from .extract import CheckpointedModel
 from .index import build_index
@@ -72,7 +72,7 @@ def gather(obj, world: int) -> list:
 def describe_files(paths: Sequence[str]) -> list[dict]:
     """Name, path, size and SHA-256 of each data file (the data fingerprint)."""
     return [
-        {"name": os.path.basename(p), "path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": file_sha256(p)}
+        {"name": os.path.basename(p), "path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": sha256_file(p)}
         for p in paths
     ]
 

@@ -211,12 +211,20 @@ def encode(example: Example, tokenizer, max_length: int) -> Encoded:
     return Encoded(input_ids=ids[:max_length], label_mask=mask[:max_length], truncated=truncated)
 
 
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes, streamed."""
+def sha256_file(path: str, limit: int | None = None) -> str:
+    """SHA-256 of a file's bytes, streamed; with ``limit``, of its size and first and last ``limit`` bytes only."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+        if limit is None:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        else:
+            size = os.path.getsize(path)
+            h.update(str(size).encode())
+            h.update(fh.read(limit))
+            if size > 2 * limit:
+                fh.seek(size - limit)
+            h.update(fh.read(limit))
     return h.hexdigest()
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .data import sha256_file
 from .errors import InputNotFoundError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -111,22 +112,6 @@ def lora_parameter_names(pm) -> list[str]:
     return [n for n, p in pm.named_parameters() if "lora_" in n]
 
 
-def _sha256_file(path: str, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if limit is None:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        else:
-            size = os.path.getsize(path)
-            h.update(str(size).encode())
-            h.update(fh.read(limit))
-            if size > 2 * limit:
-                fh.seek(size - limit)
-            h.update(fh.read(limit))
-    return h.hexdigest()
-
-
 def model_fingerprint(model: str) -> dict:
     """Identify a base model: its name, its hub revision when known, and a hash of its files.
 
@@ -143,7 +128,7 @@ def model_fingerprint(model: str) -> dict:
         if not os.path.isfile(full):
             continue
         big = os.path.getsize(full) > 64 << 20
-        h.update(fname.encode() + _sha256_file(full, limit=(1 << 20) if big else None).encode())
+        h.update(fname.encode() + sha256_file(full, limit=(1 << 20) if big else None).encode())
     out["hash"] = h.hexdigest()[:32]
     ref = os.path.join(model, "refs", "main")
     if os.path.isfile(ref):
@@ -157,7 +142,7 @@ def adapter_fingerprint(adapter: str) -> str:
     h = hashlib.sha256()
     for fname in sorted(os.listdir(adapter)):
         if fname == "adapter_config.json" or fname.startswith("adapter_model"):
-            h.update(fname.encode() + _sha256_file(os.path.join(adapter, fname)).encode())
+            h.update(fname.encode() + sha256_file(os.path.join(adapter, fname)).encode())
     return h.hexdigest()[:32]
 
 

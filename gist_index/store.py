@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
+from .data import sha256_file
 from .errors import ConfigMismatchError, CorruptStoreError, IncompleteStoreError, StoreError, StoreNotFoundError
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,6 @@ def fsync_dir(d: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def sha256_file(path: str) -> str:
-    """SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_hash(config: dict) -> str:
