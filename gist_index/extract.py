@@ -205,7 +205,7 @@ class GradientExtractor:
                     g = torch.bmm(gout.transpose(1, 2).float(), inp.float()).reshape(b, -1)
                     if self.adam is not None:
                         g = self._precondition(k, g)
-                    sq.add_((g * g).sum(1))
+                    sq.add_(torch.linalg.vector_norm(g, dim=1).square())
                     self.projector.project_into(out, g, p.offset)
 
                 if output.requires_grad:

@@ -7,7 +7,7 @@ block at a time (``project_into(out, block, offset)``), so a full gradient is ne
 * ``countsketch`` (default): coordinate ``j`` goes to bucket ``h(j) mod dim`` with sign ``s(j)``, both from a
   32-bit integer hash of ``(seed, j)`` computed in integer arithmetic that is exact on CPU and GPU. Inner
   products are unbiased, with variance ``(|x|^2 |y|^2 + <x,y>^2 - 2 sum_j x_j^2 y_j^2) / dim``: no worse than a
-  dense Gaussian projection of the same ``dim``. Cost O(source_dim) per example, memory 8 bytes per coordinate.
+  dense Gaussian projection of the same ``dim``. Cost O(source_dim) per example, memory 12 bytes per coordinate (cached hashes).
 * ``gaussian`` and ``rademacher``: dense matrices generated block-wise from the seed (references, and what LESS
   does); O(source_dim x dim) work per example.
 * ``identity`` (``--dim 0``): the raw gradient, for small adapters and exactness checks.
@@ -132,14 +132,14 @@ class CountSketchProjector(Projector):
     def _hashes(self, offset: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (offset, n, str(device))
         if key not in self._cache:
-            bucket, sign = hash_coordinates(self.seed, offset, n, self.dim, device=device)
-            self._cache[key] = (bucket.to(torch.int32), sign)
+            self._cache[key] = hash_coordinates(self.seed, offset, n, self.dim, device=device)
         return self._cache[key]
 
     def project_into(self, out, block, offset):
-        """Scatter-add the signed block into its buckets."""
+        """Scatter-add the signed block into its buckets (scatter_add_ along rows: an order of magnitude faster on
+        CPU than index_add_ along columns)."""
         bucket, sign = self._hashes(offset, block.shape[1], block.device)
-        out.index_add_(1, bucket, block.float() * sign)
+        out.scatter_add_(1, bucket.expand(block.shape[0], -1), block.float() * sign)
 
 
 class _DenseProjector(Projector):
