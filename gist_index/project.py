@@ -7,7 +7,8 @@ block at a time (``project_into(out, block, offset)``), so a full gradient is ne
 * ``countsketch`` (default): coordinate ``j`` goes to bucket ``h(j) mod dim`` with sign ``s(j)``, both from a
   32-bit integer hash of ``(seed, j)`` computed in integer arithmetic that is exact on CPU and GPU. Inner
   products are unbiased, with variance ``(|x|^2 |y|^2 + <x,y>^2 - 2 sum_j x_j^2 y_j^2) / dim``: no worse than a
-  dense Gaussian projection of the same ``dim``. Cost O(source_dim) per example, memory 12 bytes per coordinate (cached hashes).
+  dense Gaussian projection of the same ``dim``. Cost O(source_dim) per example; the cached hashes take 12 bytes
+  per coordinate.
 * ``gaussian`` and ``rademacher``: dense matrices generated block-wise from the seed (references, and what LESS
   does); O(source_dim x dim) work per example.
 * ``identity`` (``--dim 0``): the raw gradient, for small adapters and exactness checks.
