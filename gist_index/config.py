@@ -122,7 +122,7 @@ class SelectConfig:
     candidates: float = opt(
         1.0, "mips: at most this many FAISS neighbours per sub-task, as a multiple of the selection size"
     )
-    nprobe: int = opt(0, "mips: IVF lists to visit (0: automatic, lists holding 8 times the neighbours asked)")
+    nprobe: int = opt(0, "mips: IVF lists to visit (0: automatic, lists holding 16 times the neighbours asked)")
 
     def __post_init__(self):
         _choice("method", self.method, ("gist", "less", "mips"))

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = os.path.join("faiss", "index.faiss")
 FLAT_MAX_ROWS = 32_768  # below this, auto is Flat (exact); IVF needs about 40 training rows per list
 SQ8_MAX_BYTES = 16 << 30  # auto: IVF,SQ8 while its codes (one byte per value) take at most 16 GiB, then SQ4, PQ
-NPROBE_FACTOR, NPROBE_MIN = 8, 8  # automatic nprobe: lists holding 8 k rows, at least 8 lists
+NPROBE_FACTOR, NPROBE_MIN = 16, 8  # automatic nprobe: lists holding 16 k rows, at least 8 lists
 TRAIN_MIN_ROWS, TRAIN_MAX_BYTES = 16_384, 4 << 30  # training sample: 40 rows per IVF list, at most 4 GiB
 
 

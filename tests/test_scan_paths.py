@@ -127,7 +127,7 @@ def test_ivf_index_search_and_auto_nprobe(tmp_path):
     assert gindex.build_index(s, "IVF16,SQ8", progress=False) == "IVF16,SQ8"
     index = gindex.load_index(s)
     assert gindex.ivf_of(index).nlist == 16 and index.ntotal == int((s.column("status") == STATUS_OK).sum())
-    assert gindex.auto_nprobe(index, 100) == gindex.NPROBE_MIN
+    assert gindex.auto_nprobe(index, 10) == gindex.NPROBE_MIN
     assert gindex.auto_nprobe(index, 1000) == 16
     target = target_for(s, n_subtasks=4)
     exact, _ = scan_top(s, Scorer(target, "mips"), 100, progress=False)
