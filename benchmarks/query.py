@@ -1,11 +1,10 @@
 """Benchmark of queries: exact selection against the read floor, MIPS recall and cost per FAISS index type.
 
 Synthetic stores are written through the real :class:`~gist_index.store.GradientStore` API (zarr chunks, manifest,
-FAISS index), so every figure measures the real read path. Their vectors are gradient-like: each example belongs
-to one of ``K`` task clusters of a low-rank latent space; its vector at each checkpoint mixes the cluster's
-direction (with a per-example strength), a within-cluster latent spread and isotropic noise, and is unit-normalised
-and stored as float16. A target has 9 to 57 sub-tasks, each a pool cluster, with a few validation vectors drawn
-from the same model; the selection is the top 5% of the pool.
+FAISS index), so every figure measures the real read path. Their vectors are gradient-like (see
+:class:`Generator`): task clusters of a low-rank latent space, examples mixing a second cluster, per-checkpoint
+bases and isotropic noise, unit-normalised and stored as float16. A target has 9 or 57 sub-tasks, each related to
+the pool but none of its clusters, with 2 to 5 validation vectors each; the selection is the top 5%.
 
 Measured for each store (N rows, d dims), every figure a ratio within this run:
 
@@ -14,14 +13,15 @@ Measured for each store (N rows, d dims), every figure a ratio within this run:
   scorer. Both cold (every file of the store dropped from the page cache with ``posix_fadvise(DONTNEED)`` first)
   and, where the store fits in memory, warm.
 * how the exact time grows with N (the exponent of a power law fitted over the N of one d);
-* peak memory of an exact selection (max RSS of a fresh process: import, open, scan);
+* peak memory of an exact selection (peak RSS of a fresh process during the scan, after import and open);
 * for each FAISS factory string: bytes per example, build time, query time (index in memory) and the recall of
   the exact top-N of the same MIPS objective (an exact scan with the ``mips`` scorer);
-* bytes on disk per example (the whole store, and its vectors).
+* bytes on disk per example (the store without its index, and its vectors alone).
 
 Run ``python benchmarks/query.py --quick`` (under 10 minutes on a 2-core CPU), ``python benchmarks/query.py``
-(the default preset) or ``--large`` (adds N = 1e6 at d = 8192: about 40 GB of disk). It prints a table, writes
-``benchmarks/results/query[-PRESET].json`` and prints one JSON object as its last line.
+(the default preset) or ``--large`` (adds N = 1e6 at d = 8192: 33 GB of vectors, up to 16 GB per index). It
+prints tables, writes ``benchmarks/results/query[-PRESET].json`` and prints one JSON object as its last line.
+See benchmarks/README.md for the latest figures.
 """
 
 from __future__ import annotations
@@ -397,6 +397,15 @@ def resolve_factory(template: str, n_rows: int, dim: int) -> str:
     return template.format(nlist=nlist, m=m, m4=min(dim, 4 * m))
 
 
+def index_bytes(factory: str, n_rows: int, dim: int) -> float:
+    """A rough size of the index in memory (codes only), to skip factories that would not fit."""
+    code = factory.split(",")[-1]
+    per_value = {"Flat": 4, "SQfp16": 2, "SQ8": 1, "SQ6": 0.75, "SQ4": 0.5}.get(code)
+    if per_value is None and code.startswith("PQ"):
+        return n_rows * int(code[2:].split("x")[0])
+    return n_rows * dim * (per_value or 4)
+
+
 def nprobe_values(factory: str, auto_only: bool) -> list[int]:
     """nprobe settings to try for an IVF factory (0: the library's automatic choice), [0] otherwise."""
     nlist = next((int(p[3:]) for p in factory.split(",") if p.startswith("IVF") and p[3:].isdigit()), 0)
@@ -416,8 +425,7 @@ def measure_mips(
     queries = target.mips_queries()
     D = store.dim * store.n_checkpoints
     scorer = Scorer(target, "mips", device)
-    scan_top(store, scorer, n, progress=False)  # warm the page cache for both
-    t_exact, (exact_rows, _) = timed(scan_top, store, scorer, n, progress=False)
+    t_exact, (exact_rows, _) = timed(scan_top, store, scorer, n, progress=False)  # warm when the store fits
     exact = set(exact_rows.tolist())
     n_valid = int(store.meta["summary"]["n_with_gradient"])
     out = {"exact_mips_s": t_exact, "mips_vs_gist_overlap": len(exact.intersection(gist_rows.tolist())) / n,
@@ -428,6 +436,11 @@ def measure_mips(
         label = f"auto={factory}" if template == "auto" else factory
         saved = os.path.join(workdir, "index-" + factory.replace(",", "_") + ".faiss")
         rec = {"factory": label, "template": template}
+        need = index_bytes(factory, store.n_rows, D)
+        no_disk = not os.path.isfile(saved) and need > 0.8 * shutil.disk_usage(workdir).free
+        if need > 0.5 * available_memory() or no_disk:
+            out["factories"].append({**rec, "error": f"skipped: needs about {fmt_bytes(need)} of memory and disk"})
+            continue
         if os.path.isfile(saved + ".json"):  # built for an earlier target, or an earlier run, on this same store
             with open(saved + ".json") as fh:
                 rec["build_s"] = json.load(fh)["build_s"]
