@@ -119,8 +119,10 @@ class SelectConfig:
     top: int = opt(0, "select this many examples")
     fraction: float = opt(0.0, "select this fraction of the pool (e.g. 0.05)")
     batch_size: int = opt(16, "validation examples per batch")
-    candidates: float = opt(1.0, "mips: FAISS neighbours fetched per sub-task, as a multiple of the selection size")
-    nprobe: int = opt(0, "mips: IVF lists to visit (0: the index's default)")
+    candidates: float = opt(
+        1.0, "mips: at most this many FAISS neighbours per sub-task, as a multiple of the selection size"
+    )
+    nprobe: int = opt(0, "mips: IVF lists to visit (0: automatic, lists holding 16 times the neighbours asked)")
 
     def __post_init__(self):
         _choice("method", self.method, ("gist", "less", "mips"))

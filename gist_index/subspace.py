@@ -17,6 +17,7 @@ values, but at least the number of sub-tasks (so each sub-task can have its own 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -126,6 +127,13 @@ def build_target(
     return target
 
 
+def _pad_columns(a: np.ndarray, multiple: int = 16) -> np.ndarray:
+    """``a`` with zero columns appended up to a multiple of ``multiple`` columns."""
+    a = np.asarray(a)
+    pad = -a.shape[1] % multiple
+    return np.ascontiguousarray(np.pad(a, ((0, 0), (0, pad))) if pad else a)
+
+
 class Scorer:
     """Scores chunks of stored (unit) vectors for one target and method, on a torch device."""
 
@@ -135,20 +143,34 @@ class Scorer:
         self.method = method
         self.device = torch.device(device)
         self.weights = [float(w) for w in target.weights]
-        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+        self.n_subtasks = len(target.subtasks)
+        self._local = threading.local()
+        # Matrices get zero columns up to a multiple of 16: the matrix product runs faster (on CPU, k = 122 takes
+        # 20% longer than k = 128) and zero columns change nothing (GIST: zero coordinates; others: sliced off).
+        t = lambda a: torch.as_tensor(_pad_columns(a), dtype=torch.float32, device=self.device)  # noqa: E731
         if method == "gist":
             self.mats = [t(c.basis) for c in target.checkpoints]
-            self.dirs = [t(c.directions.T) for c in target.checkpoints]
+            self.dirs = [t(_pad_columns(c.directions).T) for c in target.checkpoints]
         elif method == "less":
             self.mats = [t(c.less_directions.T) for c in target.checkpoints]
         else:
             self.mats = [t(c.basis @ c.directions.T) for c in target.checkpoints]
 
+    def _float32(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32 on the device (float16 travels and converts there). On the CPU, into a buffer that
+        each thread reuses: a fresh one per chunk fragments the heap and the peak RSS creeps up with N."""
+        if x.dtype == torch.float32 or self.device.type != "cpu":
+            return x.to(self.device, non_blocking=True).to(torch.float32)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.shape != x.shape:
+            buf = self._local.buf = torch.empty(x.shape, dtype=torch.float32)
+        return buf.copy_(x)
+
     def score(self, vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [rows] and the best sub-task [rows] for per-checkpoint vectors ([rows, dim] each)."""
         total = None
         for c, x in enumerate(vectors):
-            x = x.to(self.device, torch.float32)
+            x = self._float32(x)
             if self.method == "gist":
                 coords = x @ self.mats[c]
                 cos = (coords @ self.dirs[c]) / coords.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -156,5 +178,5 @@ class Scorer:
                 x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 cos = x @ self.mats[c]
             total = cos * self.weights[c] if total is None else total + cos * self.weights[c]
-        best, arg = total.max(dim=1)
+        best, arg = total[:, : self.n_subtasks].max(dim=1)
         return best, arg

@@ -132,7 +132,7 @@ def test_verify_catches_flipped_byte_missing_chunk_and_unfinished_build(tmp_path
     assert main(["verify", flipped]) == 1
     assert "does not match its checksum" in capsys.readouterr().out
     s = open_for_query(flipped)
-    with pytest.raises(CorruptStoreError, match="chunk 3 is corrupt"):
+    with pytest.raises(CorruptStoreError, match="chunk 3 of ckpt_1/vectors does not match its CRC32C"):
         scan_top(s, _scorer(s), 5, progress=False)
 
     deleted = str(tmp_path / "deleted.gist")
