@@ -113,7 +113,11 @@ class BuildConfig:
 class SelectConfig:
     """Selecting the best examples of a store for one target."""
 
-    method: str = opt("gist", "gist: the paper's formula (exact scan); less: LESS's scoring; mips: FAISS index")
+    method: str = opt(
+        "gist",
+        "gist: the paper's formula (exact scan); gist-full: its directions, cosine with the whole gradient (exact "
+        "scan); less: LESS's scoring; mips: gist-full's score through the FAISS index",
+    )
     rank: int = opt(0, "subspace rank k (0: chosen from the spectrum of the validation gradients)")
     energy: float = opt(0.9, "with automatic rank: the share of squared singular values the subspace keeps")
     top: int = opt(0, "select this many examples")
@@ -125,7 +129,7 @@ class SelectConfig:
     nprobe: int = opt(0, "mips: IVF lists to visit (0: automatic, lists holding 16 times the neighbours asked)")
 
     def __post_init__(self):
-        _choice("method", self.method, ("gist", "less", "mips"))
+        _choice("method", self.method, ("gist", "gist-full", "less", "mips"))
         if (self.top > 0) == (self.fraction > 0):
             raise ConfigError("give exactly one of --top N or --fraction F")
         if self.top < 0 or not 0 <= self.fraction <= 1:

@@ -1,9 +1,9 @@
 """Selecting the best pool examples for a target: validation gradients, subspace, scan or MIPS, output.
 
-The exact methods (``gist``, ``less``) stream the store's chunks through one matrix product per checkpoint and
-keep a running top-N; a background thread reads the next chunks while the current one is scored (on the GPU
-when there is one; on the CPU, several chunks at once, one thread each). ``mips`` asks the store's FAISS index
-instead. The selection is written as JSON Lines, best first: each original record plus ``id``, ``score`` and
+The exact methods (``gist``, ``gist-full``, ``less``) stream the store's chunks through one matrix product per
+checkpoint and keep a running top-N; a background thread reads the next chunks while the current one is scored
+(on the GPU when there is one; on the CPU, several chunks at once, one thread each). ``mips`` asks the store's
+FAISS index instead. The selection is written as JSON Lines, best first: each original record plus ``id``, ``score`` and
 ``rank`` (1 = best), ready to train on.
 """
 

@@ -6,8 +6,14 @@ For each checkpoint c, with validation gradients ``V_c`` ([n_val, dim]) and sub-
   examples' ``V_c U_c`` rows, normalised to ``m_cs``. A training example ``x`` scores
   ``max_s sum_c w_c cos(U_c^T x_c, m_cs)``.
 * LESS: ``max_s mean_{j in s} sum_c w_c cos(x_c, v_cj)``.
+* GIST-full (``gist-full``): the same subspace and sub-task directions, but the cosine is taken with the whole
+  gradient: ``max_s sum_c w_c <x_c / |x_c|, U_c m_cs>``, i.e. the paper's score times ``|U_c^T x_c| / |x_c|``,
+  the share of the example's gradient that lies in the target's subspace. With a small k (few validation
+  examples) the paper's in-subspace cosine lets an example whose gradient is almost orthogonal to the subspace
+  score as high as one inside it (its few in-subspace coordinates point anywhere, and in a projected store they
+  are mostly projection noise); this variant discounts such examples. See benchmarks/README.md, quality.py.
 * MIPS: the query of sub-task s is ``[w_c U_c m_cs]_c`` (concatenated over checkpoints); the index answers
-  ``max_s sum_c w_c <x_c / |x_c|, U_c m_cs>``, the cosine of the whole gradient with the target direction.
+  ``max_s sum_c w_c <x_c / |x_c|, U_c m_cs>``: ``gist-full``'s score, searched approximately.
 
 The rank k is given, or chosen from the spectrum: the smallest k holding ``energy`` of the squared singular
 values, but at least the number of sub-tasks (so each sub-task can have its own direction) and at least 2
@@ -27,7 +33,7 @@ import torch
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
-METHODS = ("gist", "less", "mips")
+METHODS = ("gist", "gist-full", "less", "mips")
 
 
 def choose_rank(singular_values: np.ndarray, n_subtasks: int, energy: float = 0.9) -> int:
@@ -153,7 +159,7 @@ class Scorer:
             self.dirs = [t(_pad_columns(c.directions).T) for c in target.checkpoints]
         elif method == "less":
             self.mats = [t(c.less_directions.T) for c in target.checkpoints]
-        else:
+        else:  # gist-full, and mips's objective computed exactly
             self.mats = [t(c.basis @ c.directions.T) for c in target.checkpoints]
 
     def _float32(self, x: torch.Tensor) -> torch.Tensor:

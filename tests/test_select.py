@@ -26,8 +26,9 @@ def _reference_grads(cm, examples, ckpt, adam=False):
     return rows
 
 
-def gist_reference(train, val, subtasks, weights, k):
-    """The paper's formula, the way the official code computes it (Gram matrix eigendecomposition)."""
+def gist_reference(train, val, subtasks, weights, k, full=False):
+    """The paper's formula, the way the official code computes it (Gram matrix eigendecomposition).
+    ``full``: the gist-full variant, the in-subspace coordinates divided by the norm of the whole gradient."""
     names = sorted(set(subtasks), key=subtasks.index)
     w = np.asarray(weights, float) / np.sum(weights)
     acc = 0
@@ -41,7 +42,7 @@ def gist_reference(train, val, subtasks, weights, k):
         means = np.stack([val_coords[[i for i, s in enumerate(subtasks) if s == n]].mean(0) for n in names])
         means /= np.linalg.norm(means, axis=1, keepdims=True)
         coords = T @ U
-        coords /= np.linalg.norm(coords, axis=1, keepdims=True)
+        coords /= np.linalg.norm(T if full else coords, axis=1, keepdims=True)
         acc = acc + wc * (coords @ means.T)
     return acc.max(1)
 
@@ -105,6 +106,23 @@ def test_gist_equals_numpy_paper_formula(exact, target_file, rank):
     assert [r["rank"] for r in lines] == list(range(1, 11))
     assert [r["id"] for r in lines] == sel.ids
     assert all("messages" in r or "prompt" in r for r in lines)  # the original records, ready to train on
+
+
+def test_gist_full_equals_numpy_formula_and_differs_from_gist(exact, target_file):
+    stores, ref, d = exact
+    scores_file = str(d / "gist-full.npy")
+    sel = select(
+        stores["sgd"], [target_file], None, method="gist-full", top=10, scores_out=scores_file, progress=False
+    )
+    k = sel.target.ranks[0]
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    expected = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, full=True)
+    got = np.load(scores_file)
+    np.testing.assert_allclose(got[ok], expected, atol=2e-4)
+    assert list(sel.rows) == [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
+    paper = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k)
+    assert np.abs(paper - expected).max() > 1e-2  # a different score, not the paper's under another name
 
 
 def test_less_equals_less_formula_on_adam_store(exact, target_file):
