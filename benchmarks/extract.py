@@ -10,8 +10,8 @@ alpha=512 on q,k,v,o, d=8192, max length 512, examples from ../shared/data/pool.
 * (c) the floor: plain LoRA training steps (HF forward with labels, backward, AdamW step) over the same batches.
 
 Each method runs in a fresh subprocess (peak RSS = its own), after one warm-up batch. Also: peak memory of a whole
-``build`` at 1x and 4x the examples, and the inner-product distortion of CountSketch against a dense Gaussian
-projection of the same d on real gradients.
+``build`` at 1x and 4x the examples (the same examples repeated, so that only their number changes), and the
+inner-product distortion of CountSketch against a dense Gaussian projection of the same d on real gradients.
 
     python benchmarks/extract.py --quick          # < 10 minutes on a 2-core CPU
     python benchmarks/extract.py [--medium|--large] [--device cuda]
@@ -185,29 +185,33 @@ def memory_worker(method: str, n: int, device: str) -> dict:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": peak / 2**20}
 
 
-def build_worker(n: int, device: str, out_dir: str) -> dict:
-    """A whole ``build`` of ``n`` pool examples at d=8192; peak memory of this process."""
+def build_worker(n: int, repeat: int, device: str, out_dir: str) -> dict:
+    """A whole ``build`` of ``n`` pool examples, each ``repeat`` times (new ids), at d=8192, 16 rows per chunk;
+    peak memory of this process. Repeating the same examples keeps the length distribution (which sets the
+    activation memory of the longest batch) the same at 1x and 4x, so only the number of examples changes."""
     from gist_index import BuildConfig, build
 
     model_dir, adapter_dir = setup()
     os.makedirs(out_dir, exist_ok=True)
-    pool = os.path.join(out_dir, f"pool{n}.jsonl")
+    pool = os.path.join(out_dir, f"pool{n}x{repeat}.jsonl")
+    records = read_pool(n, skip=500)
     with open(pool, "w") as fh:
-        for r in read_pool(n, skip=500):
-            fh.write(json.dumps(r) + "\n")
+        for k in range(repeat):
+            for r in records:
+                fh.write(json.dumps({**r, "id": f"{r['id']}#{k}"}) + "\n")
     t = time.perf_counter()
     build(
         model_dir,
         [adapter_dir],
         [pool],
-        os.path.join(out_dir, f"s{n}.gist"),
-        BuildConfig(dim=DIM, max_length=MAX_LEN, batch_size=BATCH, chunk_rows=64),
+        os.path.join(out_dir, f"s{n}x{repeat}.gist"),
+        BuildConfig(dim=DIM, max_length=MAX_LEN, batch_size=BATCH, chunk_rows=16),
         device=device,
         progress=False,
         overwrite=True,
     )
     return {
-        "examples": n,
+        "examples": n * repeat,
         "seconds": time.perf_counter() - t,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -250,10 +254,11 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--n-ref", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         if args.worker == "build":
-            print(json.dumps(build_worker(args.n, args.device, os.path.join(CACHE, "stores"))))
+            print(json.dumps(build_worker(args.n, args.repeat, args.device, os.path.join(CACHE, "stores"))))
         elif args.worker == "distortion":
             print(json.dumps(distortion(args.device)))
         elif args.worker == "interleaved":
@@ -270,7 +275,7 @@ def main() -> None:
     lora_params = rows.pop("lora_params")
     for m in rows:
         rows[m].update(spawn(["--worker", m, "--n", "16", *dev]))
-    mem = [spawn(["--worker", "build", "--n", str(k * cfg["mem_n"]), *dev]) for k in (1, 4)]
+    mem = [spawn(["--worker", "build", "--n", str(cfg["mem_n"]), "--repeat", str(k), *dev]) for k in (1, 4)]
     dist = spawn(["--worker", "distortion", *dev])
     a, b, c = (rows[m]["examples_per_s"] for m in ("gist_index", "reference", "train_step"))
     print(

@@ -94,8 +94,9 @@ class Generator:
     basis (correlated across checkpoints) and ``e_ic`` isotropic unit noise.
     """
 
-    def __init__(self, dim: int, n_checkpoints: int, seed: int = 0, clusters: int = 200, rank: int = 64,
-                 mix: float = 0.8):
+    def __init__(
+        self, dim: int, n_checkpoints: int, seed: int = 0, clusters: int = 200, rank: int = 64, mix: float = 0.8
+    ):
         self.dim, self.n_checkpoints, self.seed = dim, n_checkpoints, seed
         self.clusters, self.rank, self.mix = clusters, rank, mix
         self.w_signal, self.w_noise, self.spread = 0.5, 0.5, 1.0
@@ -380,8 +381,19 @@ def measure_memory(store: GradientStore, target_vecs, labels, n: int, method: st
     """Run :func:`memory_probe` in a fresh process."""
     tf = os.path.join(workdir, "target.npz")
     np.savez(tf, subtasks=np.asarray(labels), **{f"v{c}": v for c, v in enumerate(target_vecs)})
-    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--device", args.device,
-           "--memory-probe", store.path, tf, str(n), method]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--memory-probe",
+        store.path,
+        tf,
+        str(n),
+        method,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -415,7 +427,13 @@ def nprobe_values(factory: str, auto_only: bool) -> list[int]:
 
 
 def measure_mips(
-    store: GradientStore, target, n: int, factories: list[str], workdir: str, sweep: bool, gist_rows: np.ndarray,
+    store: GradientStore,
+    target,
+    n: int,
+    factories: list[str],
+    workdir: str,
+    sweep: bool,
+    gist_rows: np.ndarray,
     device: str = "cpu",
 ) -> dict:
     """The exact top-N of the MIPS objective, then, per factory: build, bytes, load, query time and recall (and,
@@ -428,8 +446,11 @@ def measure_mips(
     t_exact, (exact_rows, _) = timed(scan_top, store, scorer, n, progress=False)  # warm when the store fits
     exact = set(exact_rows.tolist())
     n_valid = int(store.meta["summary"]["n_with_gradient"])
-    out = {"exact_mips_s": t_exact, "mips_vs_gist_overlap": len(exact.intersection(gist_rows.tolist())) / n,
-           "factories": []}
+    out = {
+        "exact_mips_s": t_exact,
+        "mips_vs_gist_overlap": len(exact.intersection(gist_rows.tolist())) / n,
+        "factories": [],
+    }
     index_path = os.path.join(store.path, gindex.INDEX_FILE)
     for template in factories:
         factory = resolve_factory(template, store.n_rows, D)
@@ -522,8 +543,9 @@ def run_store(n_rows: int, dim: int, args, preset: dict) -> dict:
         if factories and not args.no_mips:
             t["mips"] = measure_mips(store, target, n, factories, workdir, full, gist_rows, args.device)
             # the default index is the store's index: peak memory of a MIPS query with it
-            auto = os.path.join(workdir, "index-" + resolve_factory("auto", n_rows, dim * args.checkpoints)
-                                .replace(",", "_") + ".faiss")
+            auto = os.path.join(
+                workdir, "index-" + resolve_factory("auto", n_rows, dim * args.checkpoints).replace(",", "_") + ".faiss"
+            )
             if os.path.isfile(auto):
                 os.makedirs(os.path.dirname(os.path.join(store.path, gindex.INDEX_FILE)), exist_ok=True)
                 shutil.copyfile(auto, os.path.join(store.path, gindex.INDEX_FILE))
@@ -548,17 +570,20 @@ def summarise(results: list[dict]) -> dict:
         rs = sorted((r for r in results if r["dim"] == d), key=lambda r: r["n_rows"])
         ns = [r["n_rows"] for r in rs]
         growth[str(d)] = {
-            "exact_time_exponent": power_law_exponent(ns, [max(t["exact"]["cold"]["exact_s"] for t in r["targets"])
-                                                           for r in rs]),
-            "peak_rss_mb": {str(r["n_rows"]): max(t["memory"]["gist"]["rss_peak"] for t in r["targets"]) / 2**20
-                            for r in rs},
+            "exact_time_exponent": power_law_exponent(
+                ns, [max(t["exact"]["cold"]["exact_s"] for t in r["targets"]) for r in rs]
+            ),
+            "peak_rss_mb": {
+                str(r["n_rows"]): max(t["memory"]["gist"]["rss_peak"] for t in r["targets"]) / 2**20 for r in rs
+            },
         }
     return {
         "n_rows": last["n_rows"],
         "dim": last["dim"],
         "exact_over_floor": max(ratios),
-        "exact_over_floor_warm": max((t["exact"]["warm"].get("exact_over_floor", math.nan) for t in last["targets"]),
-                                     default=None),
+        "exact_over_floor_warm": max(
+            (t["exact"]["warm"].get("exact_over_floor", math.nan) for t in last["targets"]), default=None
+        ),
         "mips_recall": min(recalls) if recalls else None,
         "growth": growth,
     }
@@ -567,18 +592,22 @@ def summarise(results: list[dict]) -> dict:
 def print_tables(results: list[dict], summary: dict) -> None:
     """The result tables."""
     print("\nExact selection (GIST scan) against the read floor; cold = store dropped from the page cache first")
-    head = (f"{'N':>9} {'d':>5} {'S':>3} {'k':>4} {'GB':>6} {'floor s':>8} {'exact s':>8} {'ratio':>6} "
-            f"{'warm floor':>10} {'warm exact':>10} {'ratio':>6} {'peak RSS':>9} {'B/example':>10}")
+    head = (
+        f"{'N':>9} {'d':>5} {'S':>3} {'k':>4} {'GB':>6} {'floor s':>8} {'exact s':>8} {'ratio':>6} "
+        f"{'warm floor':>10} {'warm exact':>10} {'ratio':>6} {'peak RSS':>9} {'B/example':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         for t in r["targets"]:
             c, w = t["exact"]["cold"], t["exact"]["warm"]
             wf = f"{w['floor_s']:10.2f} {w['exact_s']:10.2f} {w['exact_over_floor']:6.1f}" if w else f"{'-':>29}"
-            print(f"{r['n_rows']:9d} {r['dim']:5d} {t['subtasks']:3d} {max(t['rank']):4d} "
-                  f"{t['exact']['bytes_scanned'] / 1e9:6.2f} {c['floor_s']:8.2f} {c['exact_s']:8.2f} "
-                  f"{c['exact_over_floor']:6.1f} {wf} {fmt_bytes(t['memory']['gist']['rss_peak']):>9} "
-                  f"{fmt_bytes(r['bytes_per_example']):>10}")
+            print(
+                f"{r['n_rows']:9d} {r['dim']:5d} {t['subtasks']:3d} {max(t['rank']):4d} "
+                f"{t['exact']['bytes_scanned'] / 1e9:6.2f} {c['floor_s']:8.2f} {c['exact_s']:8.2f} "
+                f"{c['exact_over_floor']:6.1f} {wf} {fmt_bytes(t['memory']['gist']['rss_peak']):>9} "
+                f"{fmt_bytes(r['bytes_per_example']):>10}"
+            )
     print("\nGrowth with N (exponent of a power law fitted to the cold exact time; 1 = linear) and peak RSS")
     for d, g in summary["growth"].items():
         e = g["exact_time_exponent"]
@@ -588,11 +617,15 @@ def print_tables(results: list[dict], summary: dict) -> None:
         for t in r["targets"]:
             th = t["exact"].get("threads")
             if th:
-                print(f"  warm scan at N={r['n_rows']:,}, d={r['dim']}: {th['threads']} threads {th['exact_s']:.2f} s, "
-                      f"1 thread {th['one_thread_exact_s']:.2f} s")
+                print(
+                    f"  warm scan at N={r['n_rows']:,}, d={r['dim']}: {th['threads']} threads {th['exact_s']:.2f} s, "
+                    f"1 thread {th['one_thread_exact_s']:.2f} s"
+                )
     print("\nMIPS: FAISS index types (recall of the exact top-N of the MIPS objective; index already in memory)")
-    head = (f"{'N':>9} {'d':>5} {'S':>3} {'factory':<28} {'nprobe':>6} {'B/example':>10} {'build s':>8} "
-            f"{'query s':>8} {'exact s':>8} {'recall':>7}")
+    head = (
+        f"{'N':>9} {'d':>5} {'S':>3} {'factory':<28} {'nprobe':>6} {'B/example':>10} {'build s':>8} "
+        f"{'query s':>8} {'exact s':>8} {'recall':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
@@ -605,9 +638,11 @@ def print_tables(results: list[dict], summary: dict) -> None:
                     print(f"{r['n_rows']:9d} {r['dim']:5d} {t['subtasks']:3d} {f['factory']:<28} {f['error']}")
                     continue
                 b = f"{f['build_s']:8.1f}"
-                print(f"{r['n_rows']:9d} {r['dim']:5d} {t['subtasks']:3d} {f['factory']:<28} {f['nprobe']!s:>6} "
-                      f"{fmt_bytes(f['bytes_per_example']):>10} {b} {f['query_s']:8.2f} {m['exact_mips_s']:8.2f} "
-                      f"{f['recall']:7.3f}")
+                print(
+                    f"{r['n_rows']:9d} {r['dim']:5d} {t['subtasks']:3d} {f['factory']:<28} {f['nprobe']!s:>6} "
+                    f"{fmt_bytes(f['bytes_per_example']):>10} {b} {f['query_s']:8.2f} {m['exact_mips_s']:8.2f} "
+                    f"{f['recall']:7.3f}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,12 +654,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stores", help="override the preset's stores, e.g. 10000x1024,100000x8192")
     ap.add_argument("--checkpoints", type=int, help="checkpoints per store (default: the preset's, 1 or 2)")
     ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per chunk (the build's default, 1024)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch and FAISS CPU threads (default 0: their defaults, one per core)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch and FAISS CPU threads (default 0: their defaults, one per core)"
+    )
     ap.add_argument("--device", default="auto", help="where the exact scan runs: auto (CUDA if present), cpu, cuda")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "results", "cache"),
-                    help="where the synthetic stores go (git-ignored)")
+    ap.add_argument(
+        "--cache",
+        default=os.path.join(ROOT, "benchmarks", "results", "cache"),
+        help="where the synthetic stores go (git-ignored)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep every store (default: delete those over 2 GB)")
     ap.add_argument("--no-mips", action="store_true", help="skip the FAISS part")
     ap.add_argument("--out", help="JSON results (default benchmarks/results/query[-PRESET].json)")
@@ -660,8 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_store(n_rows, dim, args, preset))
     summary = summarise(results)
     print_tables(results, summary)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   "query.json" if args.preset == "quick" else f"query-{args.preset}.json")
+    out = args.out or os.path.join(
+        ROOT, "benchmarks", "results", "query.json" if args.preset == "quick" else f"query-{args.preset}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     report = {
         "benchmark": "query",
@@ -681,9 +721,18 @@ def main(argv: list[str] | None = None) -> int:
     with open(out, "w") as fh:
         json.dump(report, fh, indent=1)
     print(f"\nwrote {os.path.relpath(out)} in {report['seconds']:.0f} s")
-    print(json.dumps({"benchmark": "query", "preset": args.preset, "n_rows": summary["n_rows"], "dim": summary["dim"],
-                      "exact_over_floor": round(summary["exact_over_floor"], 3),
-                      "mips_recall": None if summary["mips_recall"] is None else round(summary["mips_recall"], 4)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "query",
+                "preset": args.preset,
+                "n_rows": summary["n_rows"],
+                "dim": summary["dim"],
+                "exact_over_floor": round(summary["exact_over_floor"], 3),
+                "mips_recall": None if summary["mips_recall"] is None else round(summary["mips_recall"], 4),
+            }
+        )
+    )
     return 0
 
 
