@@ -194,7 +194,16 @@ def build_worker(n: int, repeat: int, device: str, out_dir: str) -> dict:
     model_dir, adapter_dir = setup()
     os.makedirs(out_dir, exist_ok=True)
     pool = os.path.join(out_dir, f"pool{n}x{repeat}.jsonl")
-    records = read_pool(n, skip=500)
+    from gist_index.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    records = []  # examples whose response fits in MAX_LEN tokens (a truncated one has no gradient to compute)
+    for i, r in enumerate(read_pool(50 * n, skip=500)):
+        e = encode(parse_example(r, "t0.jsonl.gz", i + 1), tok, MAX_LEN)
+        if e.n_label_tokens and not e.truncated:
+            records.append(r)
+        if len(records) == n:
+            break
     with open(pool, "w") as fh:
         for k in range(repeat):
             for r in records:
@@ -210,8 +219,12 @@ def build_worker(n: int, repeat: int, device: str, out_dir: str) -> dict:
         progress=False,
         overwrite=True,
     )
+    from gist_index import info
+
+    summary = info(os.path.join(out_dir, f"s{n}x{repeat}.gist"))
     return {
         "examples": n * repeat,
+        "with_gradient": summary["n_with_gradient"],
         "seconds": time.perf_counter() - t,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

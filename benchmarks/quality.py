@@ -495,12 +495,15 @@ def finetune(base_dir: str, tok, examples: Sequence[Example], spec: RunSpec, see
 # ---------------------------------------------------------------------------------------------------------
 # 5. Fidelity: projected GIST against exact GIST on raw gradients (streamed)
 # ---------------------------------------------------------------------------------------------------------
-def subspace_cosines(x: torch.Tensor, cs) -> torch.Tensor:
-    """[rows, n_subtasks]: the paper's per-checkpoint cosine, inside the subspace, with each sub-task direction."""
+def subspace_cosines(x: torch.Tensor, cs) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, n_subtasks] twice: the paper's per-checkpoint cosine, inside the subspace, with each sub-task
+    direction (``gist``), and the same inner product over the norm of the whole gradient (``gist-full``)."""
     basis = torch.as_tensor(cs.basis, dtype=torch.float64)
     dirs = torch.as_tensor(cs.directions, dtype=torch.float64)
-    coords = x.double() @ basis
-    return (coords @ dirs.T) / coords.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    x = x.double()
+    coords = x @ basis
+    dots = coords @ dirs.T
+    return dots / coords.norm(dim=1, keepdim=True).clamp_min(1e-30), dots / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def fidelity(
@@ -538,7 +541,10 @@ def fidelity(
         }
     enc = [encode(e, tok, spec.max_length) for e in pool]
     N = len(enc)
-    acc = {t.name: {k: np.zeros((N, len(exact[t.name].subtasks))) for k in ["exact", *spec.dims]} for t in targets}
+    keys = ["exact", *spec.dims]
+    acc = {
+        t.name: {(v, k): np.zeros((N, len(exact[t.name].subtasks))) for v in VARIANTS for k in keys} for t in targets
+    }
     bar = progress_bar(total=N * n_ck, enabled=progress, desc="raw gradients", unit="ex")
     for c in range(n_ck):
         for s in range(0, N, block):
@@ -546,27 +552,40 @@ def fidelity(
             Gd = {d: projs[d].project(G) for d in spec.dims}
             for t in targets:
                 a, tgt = acc[t.name], exact[t.name]
-                a["exact"][s : s + len(G)] += tgt.weights[c] * subspace_cosines(G, tgt.checkpoints[c]).numpy()
+                for v, cos in zip(VARIANTS, subspace_cosines(G, tgt.checkpoints[c])):
+                    a[v, "exact"][s : s + len(G)] += tgt.weights[c] * cos.numpy()
                 for d in spec.dims:
                     p = proj[t.name][d]
-                    a[d][s : s + len(G)] += p.weights[c] * subspace_cosines(Gd[d], p.checkpoints[c]).numpy()
+                    for v, cos in zip(VARIANTS, subspace_cosines(Gd[d], p.checkpoints[c])):
+                        a[v, d][s : s + len(G)] += p.weights[c] * cos.numpy()
             bar.update(len(G))
     bar.close()
     n = max(1, int(round(spec.fraction * N)))
     out = {}
     for t in targets:
-        top = {k: top_rows(v.max(1), n) for k, v in acc[t.name].items()}
+        a = acc[t.name]
+        top = {k: top_rows(v.max(1), n) for k, v in a.items()}
+
+        def overlap(v, d, top=top):
+            return len(set(top[v, d].tolist()) & set(top[v, "exact"].tolist())) / n
+
         out[t.name] = {
-            "top_exact": top["exact"],
-            "overlap": {d: len(set(top[d].tolist()) & set(top["exact"].tolist())) / n for d in spec.dims},
+            "top_exact": top["gist", "exact"],
+            "overlap": {d: overlap("gist", d) for d in spec.dims},
+            "overlap_gist_full": {d: overlap("gist-full", d) for d in spec.dims},
+            "exact_gist_vs_gist_full": len(set(top["gist", "exact"].tolist()) & set(top["gist-full", "exact"].tolist()))
+            / n,
             "rank_exact": exact[t.name].ranks,
             "rank_projected": {d: proj[t.name][d].ranks for d in spec.dims},
             "spectrum_exact": [c.singular_values.tolist() for c in exact[t.name].checkpoints],
             "score_corr": {
-                d: float(np.corrcoef(acc[t.name]["exact"].max(1), acc[t.name][d].max(1))[0, 1]) for d in spec.dims
+                d: float(np.corrcoef(a["gist", "exact"].max(1), a["gist", d].max(1))[0, 1]) for d in spec.dims
             },
         }
     return out
+
+
+VARIANTS = ("gist", "gist-full")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -643,6 +662,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {f['rank_exact']} | " + " | ".join(cells) + f" | {f['store_overlap']:.3f} |")
     mean_row = [f"{R['fidelity']['mean_overlap'][str(d)]:.3f}" for d in dims]
     lines.append("| **mean** | | " + " | ".join(mean_row) + f" | {R['fidelity']['store_mean']:.3f} |")
+    lines += ["", "The same for `gist-full` (cosine with the whole gradient; `mips` searches its score):", ""]
+    lines.append("| target | exact top-5% shared with exact gist | " + " | ".join(f"d={d}" for d in dims) + " |")
+    lines.append("|---|---|" + "---|" * len(dims))
+    for name, f in R["fidelity"]["targets"].items():
+        cells = [f"{f['overlap_gist_full'][str(d)]:.3f}" for d in dims]
+        lines.append(f"| {name} | {f['exact_gist_vs_gist_full']:.3f} | " + " | ".join(cells) + " |")
+    mean_row = [f"{R['fidelity']['mean_overlap_gist_full'][str(d)]:.3f}" for d in dims]
+    lines.append("| **mean** | | " + " | ".join(mean_row) + " |")
     lines += ["", "## What each method selected (largest pool tasks in the selection, share)", ""]
     lines.append("| target | method | rank k | top tasks |")
     lines.append("|---|---|---|---|")
@@ -711,11 +738,12 @@ def plots(results: dict, out: str) -> list[str]:
     for name, f in R["fidelity"]["targets"].items():
         ax.plot(dims, [f["overlap"][str(d)] for d in dims], "o-", label=name)
     ax.plot(dims, [R["fidelity"]["mean_overlap"][str(d)] for d in dims], "k--", label="mean")
+    ax.plot(dims, [R["fidelity"]["mean_overlap_gist_full"][str(d)] for d in dims], "k:", label="gist-full, mean")
     ax.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
     ax.set_xlabel("projected dimension d")
-    ax.set_ylabel("top-5% overlap with exact GIST")
+    ax.set_ylabel("top-5% overlap with the exact scores")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -814,7 +842,7 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
     reports: dict[str, dict[str, dict]] = {t.name: {} for t in targets}
     with timer.stage("select: less, gist, mips"):
         for t in targets:
-            for method, store in (("less", "adam"), ("gist", "sgd"), ("mips", "sgd")):
+            for method, store in (("less", "adam"), ("gist", "sgd"), ("mips", "sgd"), ("gist-full", "sgd")):
                 sel = gi.select(
                     stores[store],
                     [t.val_file],
@@ -846,14 +874,14 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
 
     with timer.stage("fidelity (raw gradients, streamed)"):
         fid_file = os.path.join(
-            work, "fidelity-" + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
+            work, "fidelity2-" + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
         )
         if os.path.isfile(fid_file):
             with open(fid_file) as fh:
                 fid = json.load(fh)
             for f in fid.values():
                 f["top_exact"] = np.asarray(f["top_exact"])
-                for key in ("overlap", "rank_projected", "score_corr"):
+                for key in ("overlap", "overlap_gist_full", "rank_projected", "score_corr"):
                     f[key] = {int(d): v for d, v in f[key].items()}
             reused.append("fidelity")
         else:
@@ -922,6 +950,9 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
                 entry["em"] = summarise([s["em"] for s in scores[t.name][m]])
             if m in reports[t.name]:
                 entry.update(reports[t.name][m])
+            if m == "mips":  # mips searches gist-full's score: how much of the exact gist-full top-N it found
+                full = set(selections[t.name]["gist-full"].tolist())
+                entry["overlap_with_exact_gist_full"] = round(len(set(rows.tolist()) & full) / n_select, 4)
             methods[m] = entry
         results["targets"][t.name] = {
             "n_val": len(t.val),
@@ -941,11 +972,15 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
         else float(np.mean(store_overlaps)),
         "d": spec.dim,
         "mean_overlap": {str(d): float(np.mean([fid[t.name]["overlap"][d] for t in targets])) for d in dims},
+        "mean_overlap_gist_full": {
+            str(d): float(np.mean([fid[t.name]["overlap_gist_full"][d] for t in targets])) for d in dims
+        },
         "store_mean": float(np.mean(store_overlaps)),
         "targets": {
             t.name: {
                 **{k: v for k, v in fid[t.name].items() if k != "top_exact"},
                 "overlap": {str(d): v for d, v in fid[t.name]["overlap"].items()},
+                "overlap_gist_full": {str(d): v for d, v in fid[t.name]["overlap_gist_full"].items()},
                 "rank_projected": {str(d): v for d, v in fid[t.name]["rank_projected"].items()},
                 "score_corr": {str(d): v for d, v in fid[t.name]["score_corr"].items()},
             }
@@ -1021,12 +1056,14 @@ def main(argv=None) -> None:
     files = plots(results, args.out)
     print(md)
     print("plots: " + ", ".join(files))
+    fid_full = results["fidelity"]["mean_overlap_gist_full"][str(results["fidelity"]["d"])]
     summary = {
         "targets": {
             n: {m: round(v["loss"]["mean"], 4) for m, v in t["methods"].items()} for n, t in results["targets"].items()
         },
         "fidelity": {
             "top5_overlap": round(results["fidelity"]["top5_overlap"], 4),
+            "top5_overlap_gist_full": round(fid_full, 4),
             "d": results["fidelity"]["d"],
             **{f"d{d}": round(v, 4) for d, v in results["fidelity"]["mean_overlap"].items()},
         },
