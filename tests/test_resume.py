@@ -85,28 +85,36 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(
     rng = random.Random(1234)
     ref = files_of(reference)
     n_chunks = len(ref)
+    stamps = sorted(entries(reference).values())
+    chunk_s = (stamps[-1] - stamps[0]) / 1e9 / max(1, len(stamps) - 1)  # how long a chunk takes on this machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    interrupted = 0
     for trial in range(5):
         out = str(tmp_path / f"t{trial}.gist")
         cmd = build_cmd(tiny_model_dir, tiny_adapters, big_pool, out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        if trial == 0:
-            time.sleep(rng.uniform(0.5, 3.0))  # anywhere in start-up, creation or the pre-pass
-        else:
-            target = rng.randrange(1, n_chunks - 1)  # after some chunks, at a random moment inside the next
-            deadline = time.time() + 120
+        deadline = time.time() + 120
+        if trial == 0:  # anywhere in start-up, creation or the pre-pass (before the first chunk is complete)
+            until = time.time() + rng.uniform(0.3, 3.0)
+            while time.time() < until and not entries(out) and proc.poll() is None:
+                time.sleep(0.005)
+        else:  # after some chunks, at a random moment inside the next one
+            target = rng.randrange(1, n_chunks - 1)
             while len(entries(out)) < target and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.3))
-        proc.send_signal(signal.SIGKILL)
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.9 * chunk_s))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed = proc.returncode == -signal.SIGKILL  # else it had finished first: the rerun must change nothing
+        interrupted += killed
         before = entries(out)
-        if os.path.exists(out):
+        if killed and os.path.exists(out):
             with pytest.raises(IncompleteStoreError):
                 open_for_query(out)
         p = run_build(cmd)
         done_now = len([f for f in before if f.startswith("chunk-")])
-        if os.path.exists(out) and before:
+        if killed and os.path.exists(out) and before:
             assert f"{n_chunks - done_now} of {n_chunks} chunks to compute" in p.stderr
         after = entries(out)
         assert all(after[f] == t for f, t in before.items())  # complete chunks were not recomputed
@@ -115,6 +123,7 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(
         a, b = GradientStore.open(out), GradientStore.open(reference)
         np.testing.assert_array_equal(a.vectors(1, 0, a.n_rows), b.vectors(1, 0, b.n_rows))
         assert list(a.column("ids")) == list(b.column("ids"))
+    assert interrupted >= 4, f"only {interrupted} of 5 builds were still running when the kill came"
 
 
 def test_verify_catches_flipped_byte_missing_chunk_and_unfinished_build(tmp_path, reference, capsys):
