@@ -84,16 +84,22 @@ def setup() -> tuple[str, str]:
     return model_dir, adapter_dir
 
 
-def encoded(cm, n: int):
-    """The first ``n`` pool examples that keep a response within MAX_LEN tokens."""
+def fitting(tokenizer, n: int, skip: int = 0, whole: bool = False) -> list[tuple[dict, object]]:
+    """(record, encoding) of the first ``n`` pool examples (after ``skip``) that keep a response within MAX_LEN
+    tokens; with ``whole``, only those that are not truncated at all."""
     out = []
-    for i, r in enumerate(read_pool(50 * n)):
-        e = encode(parse_example(r, "t0.jsonl.gz", i + 1), cm.tokenizer, MAX_LEN)
-        if e.n_label_tokens:
-            out.append(e)
+    for i, r in enumerate(read_pool(50 * n, skip=skip)):
+        e = encode(parse_example(r, "t0.jsonl.gz", i + 1), tokenizer, MAX_LEN)
+        if e.n_label_tokens and not (whole and e.truncated):
+            out.append((r, e))
         if len(out) == n:
             break
     return out
+
+
+def encoded(cm, n: int):
+    """The first ``n`` pool examples that keep a response within MAX_LEN tokens."""
+    return [e for _, e in fitting(cm.tokenizer, n)]
 
 
 class Methods:
@@ -196,14 +202,7 @@ def build_worker(n: int, repeat: int, device: str, out_dir: str) -> dict:
     pool = os.path.join(out_dir, f"pool{n}x{repeat}.jsonl")
     from gist_index.model import load_tokenizer
 
-    tok = load_tokenizer(model_dir)
-    records = []  # examples whose response fits in MAX_LEN tokens (a truncated one has no gradient to compute)
-    for i, r in enumerate(read_pool(50 * n, skip=500)):
-        e = encode(parse_example(r, "t0.jsonl.gz", i + 1), tok, MAX_LEN)
-        if e.n_label_tokens and not e.truncated:
-            records.append(r)
-        if len(records) == n:
-            break
+    records = [r for r, _ in fitting(load_tokenizer(model_dir), n, skip=500, whole=True)]  # each has a gradient
     with open(pool, "w") as fh:
         for k in range(repeat):
             for r in records:

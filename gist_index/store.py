@@ -415,9 +415,9 @@ class GradientStore:
                     rows = (first * block * self.chunk_rows, (first + 1) * block * self.chunk_rows)
                     status = self.column("status", *rows)
                 vecs = [self.vectors(c, start, stop, dtype) for c in range(self.n_checkpoints)]
-            except ValueError as exc:
-                if isinstance(exc, CorruptStoreError):
-                    raise
+            except CorruptStoreError:
+                raise
+            except ValueError as exc:  # zarr's checksum error
                 raise CorruptStoreError(
                     f"{self.path}: chunk {i} is corrupt ({exc}); run `gist-index verify {self.path}`"
                 ) from None
