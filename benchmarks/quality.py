@@ -188,6 +188,7 @@ class RunSpec:
     em_min_share: float = 0.5  # ...for targets where at least this share of test answers is that short
     seed: int = 0  # pool and test subsamples, warmup
     holdout: tuple[str, ...] = ()  # pool tasks turned into extra targets (removed from the pool subsample)
+    rerank: float = 3.0  # select --rerank: candidates as a multiple of the selection
 
     def key(self) -> str:
         """Cache key of the run's intermediate products (warmup, stores)."""
@@ -569,10 +570,18 @@ def fidelity(
         def overlap(v, d, top=top):
             return len(set(top[v, d].tolist()) & set(top[v, "exact"].tolist())) / n
 
+        def reranked(v, d, a=a, top=top):
+            # select --rerank R: the best R n rows of the projected scores, re-scored exactly, best n kept
+            cand = top_rows(a[v, d].max(1), min(N, int(np.ceil(spec.rerank * n))))
+            best = cand[top_rows(a[v, "exact"].max(1)[cand], n)]
+            return len(set(best.tolist()) & set(top[v, "exact"].tolist())) / n
+
         out[t.name] = {
             "top_exact": top["gist", "exact"],
             "overlap": {d: overlap("gist", d) for d in spec.dims},
             "overlap_gist_full": {d: overlap("gist-full", d) for d in spec.dims},
+            "overlap_rerank": {d: reranked("gist", d) for d in spec.dims},
+            "overlap_gist_full_rerank": {d: reranked("gist-full", d) for d in spec.dims},
             "exact_gist_vs_gist_full": len(set(top["gist", "exact"].tolist()) & set(top["gist-full", "exact"].tolist()))
             / n,
             "rank_exact": exact[t.name].ranks,
@@ -586,12 +595,20 @@ def fidelity(
 
 
 VARIANTS = ("gist", "gist-full")
+FID_KEYS = (
+    "overlap",
+    "overlap_gist_full",
+    "overlap_rerank",
+    "overlap_gist_full_rerank",
+    "rank_projected",
+    "score_corr",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 6. Reporting
 # ---------------------------------------------------------------------------------------------------------
-METHODS = ("random", "less", "gist", "mips", "rds", "bm25")
+METHODS = ("random", "less", "gist", "gist-rerank", "mips", "rds", "bm25")
 
 
 def summarise(values: Sequence[float]) -> dict:
@@ -618,6 +635,7 @@ def goals(results: dict) -> dict:
     out["all_beat_random"] = all(out["gist_beats_random"].values())
     out["most_not_above_less"] = sum(out["gist_not_above_less"].values()) > len(out["gist_not_above_less"]) / 2
     out["fidelity_ok"] = bool(fid >= 0.9)
+    out["fidelity_rerank_ok"] = bool(results["fidelity"]["store_mean_rerank"] >= 0.9)
     return out
 
 
@@ -670,6 +688,26 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {f['exact_gist_vs_gist_full']:.3f} | " + " | ".join(cells) + " |")
     mean_row = [f"{R['fidelity']['mean_overlap_gist_full'][str(d)]:.3f}" for d in dims]
     lines.append("| **mean** | | " + " | ".join(mean_row) + " |")
+    rr = R["spec"]["rerank"]
+    lines += [
+        "",
+        f"With `select --rerank {rr:g}` (the best {rr:g} x N rows of the projected scores re-scored on exact "
+        "gradients, the best N kept): the same overlap, computed from the streamed scores, and (last column) "
+        "of the selection `gist_index` made from the store:",
+        "",
+    ]
+    lines.append("| target | " + " | ".join(f"gist d={d}" for d in dims) + " | gist-full d=8192 | store (d=8192) |")
+    lines.append("|---|" + "---|" * len(dims) + "---|---|")
+    for name, f in R["fidelity"]["targets"].items():
+        cells = [f"{f['overlap_rerank'][str(d)]:.3f}" for d in dims]
+        cells += [f"{f['overlap_gist_full_rerank'][str(dims[-1])]:.3f}", f"{f['store_overlap_rerank']:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    mean_row = [f"{R['fidelity']['mean_overlap_rerank'][str(d)]:.3f}" for d in dims]
+    mean_row += [
+        f"{R['fidelity']['mean_overlap_gist_full_rerank'][str(dims[-1])]:.3f}",
+        f"{R['fidelity']['store_mean_rerank']:.3f}",
+    ]
+    lines.append("| **mean** | " + " | ".join(mean_row) + " |")
     lines += ["", "## What each method selected (largest pool tasks in the selection, share)", ""]
     lines.append("| target | method | rank k | top tasks |")
     lines.append("|---|---|---|---|")
@@ -685,6 +723,10 @@ def markdown(results: dict) -> str:
     )
     lines.append(f"* GIST no higher than LESS on most targets: {g['most_not_above_less']} ({g['gist_not_above_less']})")
     lines.append(f"* fidelity at d={R['spec']['dim']} >= 0.9: {g['fidelity_ok']} ({R['fidelity']['top5_overlap']:.3f})")
+    lines.append(
+        f"* the same with `--rerank {R['spec']['rerank']:g}`: {g['fidelity_rerank_ok']} "
+        f"({R['fidelity']['store_mean_rerank']:.3f})"
+    )
     lines += ["", "## Time", ""]
     lines.append(
         f"Total {R['seconds']['total'] / 60:.1f} min with the cached base model "
@@ -739,6 +781,7 @@ def plots(results: dict, out: str) -> list[str]:
         ax.plot(dims, [f["overlap"][str(d)] for d in dims], "o-", label=name)
     ax.plot(dims, [R["fidelity"]["mean_overlap"][str(d)] for d in dims], "k--", label="mean")
     ax.plot(dims, [R["fidelity"]["mean_overlap_gist_full"][str(d)] for d in dims], "k:", label="gist-full, mean")
+    ax.plot(dims, [R["fidelity"]["mean_overlap_rerank"][str(d)] for d in dims], "k-.", label="gist --rerank, mean")
     ax.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
@@ -842,18 +885,26 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
     reports: dict[str, dict[str, dict]] = {t.name: {} for t in targets}
     with timer.stage("select: less, gist, mips"):
         for t in targets:
-            for method, store in (("less", "adam"), ("gist", "sgd"), ("mips", "sgd"), ("gist-full", "sgd")):
+            for name, method, store, rr in (
+                ("less", "less", "adam", 0),
+                ("gist", "gist", "sgd", 0),
+                ("gist-rerank", "gist", "sgd", spec.rerank),
+                ("mips", "mips", "sgd", 0),
+                ("gist-full", "gist-full", "sgd", 0),
+            ):
                 sel = gi.select(
                     stores[store],
                     [t.val_file],
                     None,
-                    SelectConfig(method=method, top=n_select),
+                    SelectConfig(method=method, top=n_select, rerank=rr),
                     device="cpu",
                     progress=False,
                 )
-                selections[t.name][method] = np.asarray([row_of[i] for i in sel.ids])
+                selections[t.name][name] = np.asarray([row_of[i] for i in sel.ids])
                 rep = sel.report()
-                reports[t.name][method] = {k: rep[k] for k in ("rank", "energy_captured", "seconds")}
+                reports[t.name][name] = {
+                    k: rep[k] for k in ("rank", "energy_captured", "seconds", "rerank") if k in rep
+                }
     with timer.stage("select: rds"):
         from gist_index.extract import CheckpointedModel
 
@@ -874,14 +925,14 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
 
     with timer.stage("fidelity (raw gradients, streamed)"):
         fid_file = os.path.join(
-            work, "fidelity2-" + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
+            work, "fidelity3-" + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
         )
         if os.path.isfile(fid_file):
             with open(fid_file) as fh:
                 fid = json.load(fh)
             for f in fid.values():
                 f["top_exact"] = np.asarray(f["top_exact"])
-                for key in ("overlap", "overlap_gist_full", "rank_projected", "score_corr"):
+                for key in FID_KEYS:
                     f[key] = {int(d): v for d, v in f[key].items()}
             reused.append("fidelity")
         else:
@@ -965,6 +1016,9 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
         store_ov = len(set(selections[t.name]["gist"].tolist()) & set(f["top_exact"].tolist())) / n_select
         store_overlaps.append(store_ov)
         f["store_overlap"] = store_ov
+        f["store_overlap_rerank"] = (
+            len(set(selections[t.name]["gist-rerank"].tolist()) & set(f["top_exact"].tolist())) / n_select
+        )
     dims = list(spec.dims)
     results["fidelity"] = {
         "top5_overlap": float(np.mean([fid[t.name]["overlap"][spec.dim] for t in targets]))
@@ -972,17 +1026,16 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
         else float(np.mean(store_overlaps)),
         "d": spec.dim,
         "mean_overlap": {str(d): float(np.mean([fid[t.name]["overlap"][d] for t in targets])) for d in dims},
-        "mean_overlap_gist_full": {
-            str(d): float(np.mean([fid[t.name]["overlap_gist_full"][d] for t in targets])) for d in dims
+        **{
+            f"mean_{key}": {str(d): float(np.mean([fid[t.name][key][d] for t in targets])) for d in dims}
+            for key in ("overlap_gist_full", "overlap_rerank", "overlap_gist_full_rerank")
         },
         "store_mean": float(np.mean(store_overlaps)),
+        "store_mean_rerank": float(np.mean([fid[t.name]["store_overlap_rerank"] for t in targets])),
         "targets": {
             t.name: {
                 **{k: v for k, v in fid[t.name].items() if k != "top_exact"},
-                "overlap": {str(d): v for d, v in fid[t.name]["overlap"].items()},
-                "overlap_gist_full": {str(d): v for d, v in fid[t.name]["overlap_gist_full"].items()},
-                "rank_projected": {str(d): v for d, v in fid[t.name]["rank_projected"].items()},
-                "score_corr": {str(d): v for d, v in fid[t.name]["score_corr"].items()},
+                **{key: {str(d): v for d, v in fid[t.name][key].items()} for key in FID_KEYS},
             }
             for t in targets
         },
@@ -1064,6 +1117,7 @@ def main(argv=None) -> None:
         "fidelity": {
             "top5_overlap": round(results["fidelity"]["top5_overlap"], 4),
             "top5_overlap_gist_full": round(fid_full, 4),
+            "top5_overlap_rerank": round(results["fidelity"]["store_mean_rerank"], 4),
             "d": results["fidelity"]["d"],
             **{f"d{d}": round(v, 4) for d, v in results["fidelity"]["mean_overlap"].items()},
         },

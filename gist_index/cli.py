@@ -119,6 +119,12 @@ def _print_selection(sel, out: str) -> None:
         f"  sub-tasks: {len(rep['subtasks'])}; rank k per checkpoint: {rep['rank']}; "
         f"energy kept: {rep['energy_captured']}"
     )
+    if "rerank" in rep:
+        rr = rep["rerank"]
+        print(
+            f"  re-ranked {rr['candidates']} candidates on exact gradients in {rep['seconds']['rerank']:.1f} s; "
+            f"{100 * rr['kept_from_projected_top']:.0f}% of the projected top kept"
+        )
     for k in range(min(5, len(sel.rows))):
         print(f"  #{k + 1}  score {sel.scores[k]:+.4f}  {sel.ids[k]}")
 

@@ -127,6 +127,12 @@ class SelectConfig:
         1.0, "mips: at most this many FAISS neighbours per sub-task, as a multiple of the selection size"
     )
     nprobe: int = opt(0, "mips: IVF lists to visit (0: automatic, lists holding 16 times the neighbours asked)")
+    rerank: float = opt(
+        0.0,
+        "re-score the best RERANK x N rows of the scan (or index) on exact, unprojected gradients recomputed from "
+        "the model, and keep the best N (0: off; 3 is a good value). Costs RERANK x N forward+backward passes per "
+        "checkpoint and the raw validation gradients in memory (n_val x LoRA parameters floats per checkpoint)",
+    )
 
     def __post_init__(self):
         _choice("method", self.method, ("gist", "gist-full", "less", "mips"))
@@ -139,6 +145,8 @@ class SelectConfig:
         if not 0 < self.energy <= 1:
             raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
         _positive(self, "batch_size", "candidates")
+        if self.rerank != 0 and not self.rerank >= 1:
+            raise ConfigError(f"rerank must be 0 (off) or at least 1, got {self.rerank}")
 
     def n_select(self, n_pool: int) -> int:
         """How many examples to select from a pool of ``n_pool``."""

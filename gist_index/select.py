@@ -33,6 +33,7 @@ from .extract import CheckpointedModel
 from .index import load_index, mips_top
 from .model import adapter_fingerprint, model_fingerprint, resolve_device
 from .progress import bar as progress_bar
+from .rerank import n_candidates, rerank
 from .store import GradientStore
 from .subspace import Scorer, Target, build_target
 
@@ -50,6 +51,7 @@ class Selection:
     method: str
     n_pool: int
     seconds: dict = field(default_factory=dict)
+    rerank: dict = field(default_factory=dict)  # with --rerank: candidates, share of the projected top kept
 
     def report(self) -> dict:
         """A JSON-able summary (ranks, spectrum, timing)."""
@@ -64,6 +66,7 @@ class Selection:
             "checkpoint_weights": self.target.weights.tolist(),
             "score_range": [float(self.scores.min()), float(self.scores.max())] if len(self.scores) else None,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            **({"rerank": self.rerank} if self.rerank else {}),
         }
 
 
@@ -113,8 +116,9 @@ def load_checkpointed_model(
     return cm
 
 
-def validation_vectors(store: GradientStore, cm: CheckpointedModel, target_files: Sequence[str], batch_size: int = 16):
-    """Projected (unnormalised) SGD gradients of the target's validation examples, per checkpoint."""
+def validation_examples(store: GradientStore, cm: CheckpointedModel, target_files: Sequence[str]):
+    """The target's encoded validation examples that have a response within the store's max length, and their
+    sub-tasks."""
     examples = load_examples(target_files, cm.tokenizer.eos_token, what="target")
     max_length = store.meta["config"]["compute"]["max_length"]
     enc = [encode(e, cm.tokenizer, max_length) for e in examples]
@@ -125,12 +129,13 @@ def validation_vectors(store: GradientStore, cm: CheckpointedModel, target_files
         )
     if len(keep) < len(enc):
         log.warning("%d target examples have no response within %d tokens; ignored", len(enc) - len(keep), max_length)
+    return [enc[i] for i in keep], [examples[i].subtask for i in keep]
+
+
+def validation_vectors(store: GradientStore, cm: CheckpointedModel, encoded: Sequence, batch_size: int = 16):
+    """Projected (unnormalised) SGD gradients of the encoded validation examples, per checkpoint."""
     projector = projector_of(store)
-    vecs = [
-        cm.gradients([enc[i] for i in keep], c, projector, "sgd", batch_size)["vectors"]
-        for c in range(len(cm.adapters))
-    ]
-    return vecs, [examples[i].subtask for i in keep]
+    return [cm.gradients(encoded, c, projector, "sgd", batch_size)["vectors"] for c in range(len(cm.adapters))]
 
 
 def _prefetch(it, depth: int = 2):
@@ -272,7 +277,8 @@ def select(
     target = None
     if rank == 0:
         cm = load_checkpointed_model(store, model, adapters, device)
-        vecs, subtasks = validation_vectors(store, cm, target_files, cfg.batch_size)
+        val_enc, subtasks = validation_examples(store, cm, target_files)
+        vecs = validation_vectors(store, cm, val_enc, cfg.batch_size)
         weights = list(checkpoint_weights) if checkpoint_weights is not None else store.meta["weights"]
         if len(weights) != store.n_checkpoints:
             raise ConfigError(f"{len(weights)} checkpoint weights for a store of {store.n_checkpoints} checkpoints")
@@ -280,28 +286,50 @@ def select(
     target = broadcast(target, world)
     t1 = time.time()
     all_scores = np.full(store.n_rows, -np.inf, np.float32) if scores_out else None
+    n_scan = n_candidates(cfg.rerank, n, int(store.meta["summary"]["n_with_gradient"])) if cfg.rerank else n
     if cfg.method == "mips":
-        rows, scores = mips_top(load_index(store), target.mips_queries(), n, cfg.candidates, cfg.nprobe)
+        rows, scores = mips_top(load_index(store), target.mips_queries(), n_scan, cfg.candidates, cfg.nprobe)
     else:
         scorer = Scorer(target, cfg.method, resolve_device(device))
         mine = list(range(rank, store.n_chunks, world))
-        rows, scores = scan_top(store, scorer, n, mine, progress=progress and rank == 0, all_scores=all_scores)
+        rows, scores = scan_top(store, scorer, n_scan, mine, progress=progress and rank == 0, all_scores=all_scores)
         if world > 1:
             parts = gather((rows, scores, all_scores), world)
             if rank == 0:
                 rows, scores = best_first(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-                rows, scores = rows[:n], scores[:n]
+                rows, scores = rows[:n_scan], scores[:n_scan]
                 if all_scores is not None:
                     all_scores = np.max(np.stack([p[2] for p in parts]), axis=0)
     t2 = time.time()
+    seconds = {"validation_gradients": t1 - t0, "scoring": t2 - t1}
+    extra = {}
+    if cfg.rerank and rank == 0:
+        projected = set(rows[:n].tolist())
+        rows, scores, target = rerank(
+            store,
+            cm,
+            val_enc,
+            subtasks,
+            rows,
+            n,
+            cfg.method,
+            weights,
+            cfg.rank or None,
+            cfg.energy,
+            cfg.batch_size,
+            progress,
+        )
+        extra = {
+            "candidates": int(n_scan),
+            "kept_from_projected_top": round(len(projected & set(rows.tolist())) / max(1, len(rows)), 4),
+        }
+        t2, seconds["rerank"] = time.time(), time.time() - t2
     ids = (
         [str(i) for i in store.column("ids")[rows]]
         if len(rows) > 1000
         else [str(store.group["ids"][int(r)]) for r in rows]
     )
-    sel = Selection(
-        rows, scores, ids, target, cfg.method, store.n_rows, {"validation_gradients": t1 - t0, "scoring": t2 - t1}
-    )
+    sel = Selection(rows, scores, ids, target, cfg.method, store.n_rows, seconds, extra)
     if out and rank == 0:
         write_selection(store, sel, out)
         sel.seconds["write"] = time.time() - t2

@@ -45,6 +45,7 @@ ROW_ARRAYS = {"ids": str, "id_hash": "int64", "source": "int32", "line": "int64"
 CHUNK_ARRAYS = {"n_tokens": "int32", "n_labels": "int32", "status": "int8"}
 CKPT_ARRAYS = {"norms": "float32", "grad_norms": "float32", "loss": "float32"}
 STATUS_OK, STATUS_TRUNCATED = 0, 1
+READAHEAD_BYTES = 64 << 20  # iter_chunks asks the kernel for this many bytes of vector files ahead of the reader
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -395,6 +396,19 @@ class GradientStore:
             raise CorruptStoreError(f"{path}: chunk {i} of {name} does not match its CRC32C checksum")
         return buf[:size].view(dtype).reshape(self.chunk_rows, self.dim)[:rows]
 
+    def _will_need(self, i: int) -> None:
+        """Ask the kernel to start reading chunk ``i``'s vector files now (``posix_fadvise(WILLNEED)``): the disk
+        fills the page cache while earlier chunks are scored, and the later read is a copy from memory."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for c in range(self.n_checkpoints):
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(self.path, f"ckpt_{c}", "vectors", "c", str(i), "0"), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+
     def iter_chunks(
         self, chunks: Sequence[int] | None = None, dtype=np.float32
     ) -> Iterator[tuple[int, int, list[np.ndarray], np.ndarray]]:
@@ -404,7 +418,13 @@ class GradientStore:
         """
         block = 64  # the status column is read 64 chunks at a time (a zarr read per chunk costs more than it)
         status, first = None, -1
-        for i in range(self.n_chunks) if chunks is None else chunks:
+        order = list(range(self.n_chunks) if chunks is None else chunks)
+        ahead = max(2, READAHEAD_BYTES // max(1, self.chunk_rows * self.dim * 2 * self.n_checkpoints))
+        for j in range(min(ahead, len(order))):
+            self._will_need(order[j])
+        for j, i in enumerate(order):
+            if j + ahead < len(order):
+                self._will_need(order[j + ahead])
             start, stop = self.chunk_range(i)
             for name in [f"ckpt_{c}/vectors/c/{i}/0" for c in range(self.n_checkpoints)] + [f"status/c/{i}"]:
                 if not os.path.isfile(os.path.join(self.path, name)):

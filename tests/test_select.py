@@ -111,9 +111,7 @@ def test_gist_equals_numpy_paper_formula(exact, target_file, rank):
 def test_gist_full_equals_numpy_formula_and_differs_from_gist(exact, target_file):
     stores, ref, d = exact
     scores_file = str(d / "gist-full.npy")
-    sel = select(
-        stores["sgd"], [target_file], None, method="gist-full", top=10, scores_out=scores_file, progress=False
-    )
+    sel = select(stores["sgd"], [target_file], None, method="gist-full", top=10, scores_out=scores_file, progress=False)
     k = sel.target.ranks[0]
     ok, T0 = _train_matrix(ref["sgd"][0])
     _, T1 = _train_matrix(ref["sgd"][1])
@@ -172,3 +170,58 @@ def test_truncated_examples_are_reported_and_never_selected(exact, pool_file, ta
     sel = select(stores["sgd"], [target_file], None, fraction=1.0, progress=False)
     assert "too-long" not in sel.ids
     assert len(sel.rows) == meta["n_with_gradient"]
+
+
+@pytest.fixture(scope="module")
+def projected(tiny_model_dir, tiny_adapters, pool_file, tmp_path_factory):
+    """The same pool in small CountSketch stores: their scores are far from exact."""
+    d = tmp_path_factory.mktemp("projected")
+    stores = {}
+    for grad in ("sgd", "adam"):
+        cfg = BuildConfig(dim=16, max_length=MAXLEN, batch_size=7, chunk_rows=16, gradient=grad)
+        stores[grad] = str(d / f"{grad}.gist")
+        build(tiny_model_dir, tiny_adapters, [pool_file], stores[grad], cfg, progress=False, checkpoint_weights=[1, 3])
+    return stores, d
+
+
+@pytest.mark.parametrize("method", ["gist", "gist-full", "less", "mips"])
+def test_rerank_of_every_row_equals_the_exact_formula(exact, projected, target_file, method):
+    """--rerank with every row a candidate: a projected store gives exactly the raw-gradient selection."""
+    _, ref, _ = exact
+    stores, d = projected
+    grad = "adam" if method == "less" else "sgd"
+    sel = select(stores[grad], [target_file], None, method=method, top=10, rerank=1000, progress=False)
+    ok, T0 = _train_matrix(ref[grad][0])
+    _, T1 = _train_matrix(ref[grad][1])
+    if method == "less":
+        expected = less_reference([T0, T1], ref["val"], ref["subtasks"], [0.25, 0.75])
+    else:
+        k = sel.target.ranks[0]
+        raw = select(exact[0]["sgd"], [target_file], None, method="gist", top=1, progress=False)
+        assert sel.target.ranks == raw.target.ranks  # the automatic rank of the raw spectrum
+        expected = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, full=method != "gist")
+    top = [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
+    assert list(sel.rows) == top
+    np.testing.assert_allclose(sel.scores, np.sort(expected)[::-1][:10], atol=2e-4)
+    assert sel.report()["rerank"]["candidates"] == len(ok)
+    # without re-ranking this store's selection is not the exact one (else the test shows nothing)
+    plain = select(stores[grad], [target_file], None, method=method, top=10, progress=False)
+    assert list(plain.rows) != top
+
+
+def test_rerank_keeps_the_exact_best_of_the_projected_candidates(exact, projected, target_file):
+    _, ref, _ = exact
+    stores, d = projected
+    scores_file = str(d / "projected.npy")
+    select(stores["sgd"], [target_file], None, method="gist", top=6, scores_out=scores_file, progress=False)
+    projected_scores = np.load(scores_file)
+    sel = select(stores["sgd"], [target_file], None, method="gist", top=6, rerank=2.5, progress=False)
+    candidates = np.lexsort((np.arange(len(projected_scores)), -projected_scores))[:15]
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    exact_scores = np.full(len(projected_scores), -np.inf)
+    exact_scores[ok] = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0])
+    best = candidates[np.argsort(-exact_scores[candidates], kind="stable")[:6]]
+    assert sorted(sel.rows.tolist()) == sorted(best.tolist())
+    np.testing.assert_allclose(sel.scores, np.sort(exact_scores[best])[::-1], atol=2e-4)
+    assert sel.report()["rerank"]["candidates"] == 15
