@@ -92,50 +92,12 @@ def test_warmup_build_select_info_verify(tmp_path, tiny_model_dir, pool_file, ta
     assert info["n_examples"] == 40 and info["projection"]["dim"] == 128 and info["bytes_per_example"] > 0
     p = run("verify", str(store))
     assert "sound" in p.stdout
-    p = run(
-        "select",
-        "--index",
-        str(store),
-        "--target",
-        target_file,
-        "--out",
-        str(out),
-        "--top",
-        "3",
-        "--method",
-        "mips",
-        "--no-progress",
-    )
+    top3 = ["select", "--index", str(store), "--target", target_file, "--out", str(out), "--top", "3"]
+    run(*top3, "--method", "mips", "--no-progress")
     assert len(open(out).readlines()) == 3
-    p = run(
-        "select",
-        "--index",
-        str(store),
-        "--target",
-        target_file,
-        "--out",
-        str(out),
-        "--top",
-        "3",
-        "--rerank",
-        "2",
-        "--no-progress",
-    )
+    p = run(*top3, "--rerank", "2", "--no-progress")
     assert "re-ranked 6 candidates on exact gradients" in p.stdout
     meta = json.load(open(str(out) + ".meta.json"))
     assert meta["rerank"]["candidates"] == 6 and meta["n_selected"] == 3
-    p = run(
-        "select",
-        "--index",
-        str(store),
-        "--target",
-        target_file,
-        "--out",
-        str(out),
-        "--top",
-        "3",
-        "--rerank",
-        "0.5",
-        check=False,
-    )
+    p = run(*top3, "--rerank", "0.5", check=False)
     assert p.returncode != 0 and "rerank must be 0 (off) or at least 1" in p.stderr

@@ -59,14 +59,20 @@ def less_reference(train, val, subtasks, weights):
     return per.max(1)
 
 
+def _stores(model, adapters, pool_file, d, dim):
+    """An sgd and an adam store of the pool at ``dim`` (0: raw gradients), checkpoint weights 1:3."""
+    stores = {}
+    for grad in ("sgd", "adam"):
+        cfg = BuildConfig(dim=dim, max_length=MAXLEN, batch_size=7, chunk_rows=16, gradient=grad)
+        stores[grad] = str(d / f"{grad}.gist")
+        build(model, adapters, [pool_file], stores[grad], cfg, progress=False, checkpoint_weights=[1, 3])
+    return stores
+
+
 @pytest.fixture(scope="module")
 def exact(tiny_model_dir, tiny_adapters, pool_file, target_file, tmp_path_factory):
     d = tmp_path_factory.mktemp("exact")
-    stores = {}
-    for grad in ("sgd", "adam"):
-        cfg = BuildConfig(dim=0, max_length=MAXLEN, batch_size=7, chunk_rows=16, gradient=grad)
-        stores[grad] = str(d / f"{grad}.gist")
-        build(tiny_model_dir, tiny_adapters, [pool_file], stores[grad], cfg, progress=False, checkpoint_weights=[1, 3])
+    stores = _stores(tiny_model_dir, tiny_adapters, pool_file, d, dim=0)
     cm = CheckpointedModel(tiny_model_dir, tiny_adapters, device="cpu")
     pool = list(read_examples(pool_file))
     val = load_examples([target_file])
@@ -176,12 +182,7 @@ def test_truncated_examples_are_reported_and_never_selected(exact, pool_file, ta
 def projected(tiny_model_dir, tiny_adapters, pool_file, tmp_path_factory):
     """The same pool in small CountSketch stores: their scores are far from exact."""
     d = tmp_path_factory.mktemp("projected")
-    stores = {}
-    for grad in ("sgd", "adam"):
-        cfg = BuildConfig(dim=16, max_length=MAXLEN, batch_size=7, chunk_rows=16, gradient=grad)
-        stores[grad] = str(d / f"{grad}.gist")
-        build(tiny_model_dir, tiny_adapters, [pool_file], stores[grad], cfg, progress=False, checkpoint_weights=[1, 3])
-    return stores, d
+    return _stores(tiny_model_dir, tiny_adapters, pool_file, d, dim=16), d
 
 
 @pytest.mark.parametrize("method", ["gist", "gist-full", "less", "mips"])
