@@ -28,12 +28,11 @@ import torch
 
 from .build import iter_chunk_examples
 from .data import encode
-from .errors import ConfigError
 from .extract import CheckpointedModel
 from .progress import bar as progress_bar
 from .project import IdentityProjector, Projector
 from .store import GradientStore
-from .subspace import Scorer, Target, build_target
+from .subspace import Scorer, Target, build_target, numerical_rank
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +59,7 @@ class ExactFrame:
         w, p = np.linalg.eigh(gram)
         order = np.argsort(w)[::-1]
         s = np.sqrt(np.clip(w[order], 0.0, None))
-        # the same numerical rank as subspace.choose_rank applies to the singular values of V
-        r = int((s**2 > s[0] ** 2 * 1e-10).sum()) if s[0] > 0 else 0
-        if r == 0:
-            raise ConfigError("the validation gradients are all zero: no subspace to select with")
+        r = numerical_rank(s)  # the rank subspace.choose_rank caps k at, on the singular values of V
         self.p = p[:, order[:r]]
         self.s = s[:r]
         self.to_frame = (self.p / self.s).T  # [r, n_val]: V g -> Q^T g
@@ -92,13 +88,12 @@ def raw_validation(cm: CheckpointedModel, encoded: Sequence, c: int, batch_size:
 
 
 def candidate_examples(store: GradientStore, rows: np.ndarray, eos: str, max_length: int, tokenizer):
-    """Yield (rows, encoded examples) for the candidate ``rows``, chunk by chunk in row order."""
-    rows = np.sort(np.asarray(rows, np.int64))
+    """Yield the encoded examples of the candidate ``rows`` (sorted), chunk by chunk, in row order. Read again for
+    each checkpoint: keeping every candidate's tokens instead would grow with the pool."""
     chunks = sorted({int(r) // store.chunk_rows for r in rows})
     for c, examples in iter_chunk_examples(store, chunks, eos):
         lo, hi = store.chunk_range(c)
-        mine = rows[(rows >= lo) & (rows < hi)]
-        yield mine, [encode(examples[int(r) - lo], tokenizer, max_length) for r in mine]
+        yield [encode(examples[int(r) - lo], tokenizer, max_length) for r in rows[(rows >= lo) & (rows < hi)]]
 
 
 def rerank(
@@ -129,7 +124,7 @@ def rerank(
         frames.append(ExactFrame(V))
         proj = ValidationProjector(torch.as_tensor(V, device=cm.device))
         parts = []
-        for _, enc in candidate_examples(store, candidates, cm.tokenizer.eos_token, cfg["max_length"], cm.tokenizer):
+        for enc in candidate_examples(store, candidates, cm.tokenizer.eos_token, cfg["max_length"], cm.tokenizer):
             res = cm.gradients(enc, c, proj, cfg["gradient"], batch_size, on_batch=bar.update)
             parts.append(frames[c].coords(res["vectors"], res["grad_norm"]))
         coords.append(torch.as_tensor(np.concatenate(parts), dtype=torch.float32))

@@ -376,7 +376,7 @@ class GradientStore:
         dtype = self._plain_dtype(name)
         if dtype is None:
             return None
-        path = os.path.join(self.path, name, "c", str(i), "0")
+        path = self._chunk_file(name, i)
         size = self.chunk_rows * self.dim * dtype.itemsize
         buf = np.empty(size + 4, np.uint8)
         try:
@@ -396,6 +396,10 @@ class GradientStore:
             raise CorruptStoreError(f"{path}: chunk {i} of {name} does not match its CRC32C checksum")
         return buf[:size].view(dtype).reshape(self.chunk_rows, self.dim)[:rows]
 
+    def _chunk_file(self, name: str, i: int) -> str:
+        """The file of chunk ``i`` of the [rows, dim] array ``name`` (zarr's default chunk key encoding)."""
+        return os.path.join(self.path, name, "c", str(i), "0")
+
     def _will_need(self, i: int) -> None:
         """Ask the kernel to start reading chunk ``i``'s vector files now (``posix_fadvise(WILLNEED)``): the disk
         fills the page cache while earlier chunks are scored, and the later read is a copy from memory."""
@@ -403,7 +407,7 @@ class GradientStore:
             return
         for c in range(self.n_checkpoints):
             with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(self.path, f"ckpt_{c}", "vectors", "c", str(i), "0"), os.O_RDONLY)
+                fd = os.open(self._chunk_file(f"ckpt_{c}/vectors", i), os.O_RDONLY)
                 try:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 finally:

@@ -36,12 +36,19 @@ log = logging.getLogger(__name__)
 METHODS = ("gist", "gist-full", "less", "mips")
 
 
+def numerical_rank(singular_values: np.ndarray) -> int:
+    """How many singular values (descending) are numerically non-zero: s^2 above 1e-10 of the largest's.
+    Raises ConfigError when all are zero."""
+    s2 = np.asarray(singular_values, dtype=np.float64) ** 2
+    if len(s2) == 0 or s2[0] <= 0:
+        raise ConfigError("the validation gradients are all zero: no subspace to select with")
+    return int((s2 > s2[0] * 1e-10).sum())
+
+
 def choose_rank(singular_values: np.ndarray, n_subtasks: int, energy: float = 0.9) -> int:
     """The automatic rank: see the module docstring."""
+    numerical = numerical_rank(singular_values)
     s2 = np.asarray(singular_values, dtype=np.float64) ** 2
-    if s2.sum() <= 0:
-        raise ConfigError("the validation gradients are all zero: no subspace to select with")
-    numerical = int((s2 > s2[0] * 1e-10).sum())
     cum = np.cumsum(s2) / s2.sum()
     k = int(np.searchsorted(cum, energy - 1e-12) + 1)
     return int(max(1, min(numerical, max(k, n_subtasks, 2))))
