@@ -423,7 +423,8 @@ class GradientStore:
         block = 64  # the status column is read 64 chunks at a time (a zarr read per chunk costs more than it)
         status, first = None, -1
         order = list(range(self.n_chunks) if chunks is None else chunks)
-        ahead = max(2, READAHEAD_BYTES // max(1, self.chunk_rows * self.dim * 2 * self.n_checkpoints))
+        itemsize = np.dtype(self.group["ckpt_0/vectors"].dtype).itemsize if self.n_checkpoints else 2
+        ahead = max(2, READAHEAD_BYTES // max(1, self.chunk_rows * self.dim * itemsize * self.n_checkpoints))
         for j in range(min(ahead, len(order))):
             self._will_need(order[j])
         for j, i in enumerate(order):
