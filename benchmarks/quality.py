@@ -16,7 +16,8 @@ A run (timed; only the base model is cached):
    tokens (the same for every method; stated in the output);
 2. LoRA warmup on a random 5% of it (``gist_index.warmup``); stores of its gradients at every checkpoint with
    ``gist_index.build``: ``sgd`` (GIST, MIPS) and ``adam`` (LESS), d = ``BuildConfig.dim``;
-3. per target, a 5% selection by each method: random; LESS; GIST (exact scan); MIPS (GIST through the FAISS
+3. per target, a 5% selection by each method: random; LESS; GIST (exact scan); GIST re-ranked on exact
+   gradients (``--rerank``); GIST with sub-tasks taking turns (``--subtasks round-robin``); MIPS (GIST through the FAISS
    index); RDS (cosine of mean-pooled last-layer hidden states, mean per sub-task, max); BM25 (bm25s; one query
    per sub-task from its validation texts, max);
 4. LoRA fine-tuning of the same base on each selection with identical settings and 3 seeds; target test loss
@@ -608,7 +609,7 @@ FID_KEYS = (
 # ---------------------------------------------------------------------------------------------------------
 # 6. Reporting
 # ---------------------------------------------------------------------------------------------------------
-METHODS = ("random", "less", "gist", "gist-rerank", "mips", "rds", "bm25")
+METHODS = ("random", "less", "gist", "gist-rerank", "gist-rr", "mips", "rds", "bm25")
 
 
 def summarise(values: Sequence[float]) -> dict:
@@ -885,18 +886,19 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
     reports: dict[str, dict[str, dict]] = {t.name: {} for t in targets}
     with timer.stage("select: less, gist, mips"):
         for t in targets:
-            for name, method, store, rr in (
-                ("less", "less", "adam", 0),
-                ("gist", "gist", "sgd", 0),
-                ("gist-rerank", "gist", "sgd", spec.rerank),
-                ("mips", "mips", "sgd", 0),
-                ("gist-full", "gist-full", "sgd", 0),
+            for name, method, store, rr, merge in (
+                ("less", "less", "adam", 0, "max"),
+                ("gist", "gist", "sgd", 0, "max"),
+                ("gist-rerank", "gist", "sgd", spec.rerank, "max"),
+                ("gist-rr", "gist", "sgd", 0, "round-robin"),
+                ("mips", "mips", "sgd", 0, "max"),
+                ("gist-full", "gist-full", "sgd", 0, "max"),
             ):
                 sel = gi.select(
                     stores[store],
                     [t.val_file],
                     None,
-                    SelectConfig(method=method, top=n_select, rerank=rr),
+                    SelectConfig(method=method, top=n_select, rerank=rr, subtasks=merge),
                     device="cpu",
                     progress=False,
                 )
@@ -1078,6 +1080,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pool-size", type=int, default=d.pool_size, help=f"pool subsample (default {d.pool_size})")
     ap.add_argument("--test-size", type=int, default=d.test_size, help=f"test subsample (default {d.test_size})")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="fine-tuning seeds")
+    ap.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=d.warmup_epochs,
+        help=f"warmup epochs, one checkpoint each (default {d.warmup_epochs})",
+    )
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return ap.parse_args(argv)
@@ -1098,7 +1106,11 @@ def main(argv=None) -> None:
         print(json.dumps({"base": base, **base_record}))
         return
     spec = RunSpec(
-        pool_size=args.pool_size, test_size=args.test_size, seeds=tuple(args.seeds), holdout=tuple(args.holdout_tasks)
+        pool_size=args.pool_size,
+        test_size=args.test_size,
+        seeds=tuple(args.seeds),
+        holdout=tuple(args.holdout_tasks),
+        warmup_epochs=args.warmup_epochs,
     )
     results = run(args, base, base_record, spec)
     with open(os.path.join(args.out, "quality.json"), "w") as fh:

@@ -127,6 +127,12 @@ class SelectConfig:
         1.0, "mips: at most this many FAISS neighbours per sub-task, as a multiple of the selection size"
     )
     nprobe: int = opt(0, "mips: IVF lists to visit (0: automatic, lists holding 16 times the neighbours asked)")
+    subtasks: str = opt(
+        "max",
+        "how sub-tasks share the selection: max (the paper: each example scores its best sub-task, the top N "
+        "overall) or round-robin (sub-tasks take turns, each taking its best example not yet taken: equal "
+        "shares; exact scans only, without --rerank)",
+    )
     rerank: float = opt(
         0.0,
         "re-score the best RERANK x N rows of the scan (or index) on exact, unprojected gradients recomputed from "
@@ -145,6 +151,12 @@ class SelectConfig:
         if not 0 < self.energy <= 1:
             raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
         _positive(self, "batch_size", "candidates")
+        _choice("subtasks", self.subtasks, ("max", "round-robin"))
+        if self.subtasks == "round-robin" and (self.method == "mips" or self.rerank):
+            raise ConfigError(
+                "--subtasks round-robin works with the exact scans (gist, gist-full, less), not with "
+                "--method mips or --rerank"
+            )
         if self.rerank != 0 and not self.rerank >= 1:
             raise ConfigError(f"rerank must be 0 (off) or at least 1, got {self.rerank}")
 

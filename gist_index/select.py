@@ -192,8 +192,9 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _scored_chunks(store: GradientStore, scorer: Scorer, chunks: Sequence[int]):
-    """Yield (start, stop, scores on the scorer's device, -inf for rows without a gradient) for each chunk.
+def _scored_chunks(store: GradientStore, scorer: Scorer, chunks: Sequence[int], per_subtask: bool = False):
+    """Yield (start, stop, scores on the scorer's device, -inf for rows without a gradient) for each chunk; the
+    scores are [rows] (best sub-task), or [rows, n_subtasks] with ``per_subtask``.
 
     A background thread reads ahead. On the CPU, as many threads as torch would use inside one op each score
     whole chunks, every op on one thread: OpenMP's parallelism inside each op synchronises its threads about ten
@@ -202,8 +203,10 @@ def _scored_chunks(store: GradientStore, scorer: Scorer, chunks: Sequence[int]):
 
     def score(item):
         start, stop, vecs, valid = item
-        s, _ = scorer.score([torch.from_numpy(v) for v in vecs])
-        return start, stop, torch.where(torch.from_numpy(valid).to(s.device), s, torch.full_like(s, -torch.inf))
+        x = [torch.from_numpy(v) for v in vecs]
+        s = scorer.subtask_scores(x) if per_subtask else scorer.score(x)[0]
+        ok = torch.from_numpy(valid).to(s.device)
+        return start, stop, torch.where(ok[:, None] if per_subtask else ok, s, torch.full_like(s, -torch.inf))
 
     workers = torch.get_num_threads() if scorer.device.type == "cpu" else 1
     items = _prefetch(store.iter_chunks(chunks, dtype=None), depth=max(2, workers))
@@ -252,6 +255,63 @@ def scan_top(
     return best_first(best_r.cpu().numpy(), best_s.cpu().numpy())
 
 
+def scan_top_per_subtask(
+    store: GradientStore,
+    scorer: Scorer,
+    n: int,
+    chunks: Sequence[int] | None = None,
+    progress: bool = True,
+    all_scores: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact top-``n`` rows of every sub-task's own score: one (rows, scores) pair per sub-task, best first.
+    ``all_scores`` receives every row's best-sub-task score, as :func:`scan_top`'s."""
+    todo = range(store.n_chunks) if chunks is None else chunks
+    parts: list[list] = [[] for _ in range(scorer.n_subtasks)]
+    held = 0
+    for start, stop, s in progress_bar(
+        _scored_chunks(store, scorer, todo, per_subtask=True), enabled=progress, total=len(todo), desc="score"
+    ):
+        if all_scores is not None:
+            all_scores[start:stop] = s.max(dim=1).values.cpu().numpy()
+        rows = torch.arange(start, stop, device=s.device)
+        for j, p in enumerate(parts):
+            p.append((s[:, j], rows))
+        held += stop - start
+        if held >= 2 * n + store.chunk_rows:
+            parts = [[_reduce(torch.cat([a for a, _ in p]), torch.cat([b for _, b in p]), n)] for p in parts]
+            held = n
+    out = []
+    for p in parts:
+        if not p:
+            out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+            continue
+        best_s, best_r = _reduce(torch.cat([a for a, _ in p]), torch.cat([b for _, b in p]), n)
+        out.append(best_first(best_r.cpu().numpy(), best_s.cpu().numpy()))
+    return out
+
+
+def round_robin(per_subtask: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-tasks take turns, in order, each taking its best row not yet taken, until ``n`` rows (or none left).
+    Returns (rows, scores) in the order taken; a row's score is that of the sub-task that took it."""
+    pos = [0] * len(per_subtask)
+    taken: set[int] = set()
+    rows: list[int] = []
+    scores: list[float] = []
+    while len(rows) < n:
+        moved = False
+        for j, (r, s) in enumerate(per_subtask):
+            while pos[j] < len(r) and int(r[pos[j]]) in taken:
+                pos[j] += 1
+            if pos[j] < len(r) and len(rows) < n:
+                taken.add(int(r[pos[j]]))
+                rows.append(int(r[pos[j]]))
+                scores.append(float(s[pos[j]]))
+                moved = True
+        if not moved:
+            break
+    return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+
 def select(
     store_path: str,
     target_files: Sequence[str],
@@ -292,8 +352,21 @@ def select(
     else:
         scorer = Scorer(target, cfg.method, resolve_device(device))
         mine = list(range(rank, store.n_chunks, world))
-        rows, scores = scan_top(store, scorer, n_scan, mine, progress=progress and rank == 0, all_scores=all_scores)
-        if world > 1:
+        if cfg.subtasks == "round-robin":
+            tops = scan_top_per_subtask(store, scorer, n, mine, progress and rank == 0, all_scores)
+            if world > 1:
+                parts = gather((tops, all_scores), world)
+                if rank == 0:
+                    tops = [
+                        tuple(a[:n] for a in best_first(*(np.concatenate(x) for x in zip(*[p[0][j] for p in parts]))))
+                        for j in range(len(tops))
+                    ]
+                    if all_scores is not None:
+                        all_scores = np.max(np.stack([p[1] for p in parts]), axis=0)
+            rows, scores = round_robin(tops, n)
+        else:
+            rows, scores = scan_top(store, scorer, n_scan, mine, progress=progress and rank == 0, all_scores=all_scores)
+        if world > 1 and cfg.subtasks != "round-robin":
             parts = gather((rows, scores, all_scores), world)
             if rank == 0:
                 rows, scores = best_first(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))

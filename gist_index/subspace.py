@@ -181,6 +181,10 @@ class Scorer:
 
     def score(self, vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [rows] and the best sub-task [rows] for per-checkpoint vectors ([rows, dim] each)."""
+        return self.subtask_scores(vectors).max(dim=1)
+
+    def subtask_scores(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[rows, n_subtasks]: each row's checkpoint-weighted score for every sub-task."""
         total = None
         for c, x in enumerate(vectors):
             x = self._float32(x)
@@ -191,5 +195,4 @@ class Scorer:
                 x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 cos = x @ self.mats[c]
             total = cos * self.weights[c] if total is None else total + cos * self.weights[c]
-        best, arg = total[:, : self.n_subtasks].max(dim=1)
-        return best, arg
+        return total[:, : self.n_subtasks]

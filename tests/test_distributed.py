@@ -99,6 +99,12 @@ def test_two_rank_build_and_select_equal_one_rank(tmp_path, tiny_model_dir, tiny
     ]
     np.testing.assert_allclose([r["score"] for r in r1], [r["score"] for r in r2], rtol=1e-6)
 
+    rr = [*sel, "--subtasks", "round-robin"]  # per-sub-task lists gathered from both ranks, then merged
+    gist("select", "--index", one, *rr, "--out", str(tmp_path / "one-rr.jsonl"))
+    gist("select", "--index", two, *rr, "--out", str(tmp_path / "two-rr.jsonl"), nproc=2)
+    r1 = [json.loads(line)["id"] for line in open(tmp_path / "one-rr.jsonl")]
+    assert r1 == [json.loads(line)["id"] for line in open(tmp_path / "two-rr.jsonl")] and len(r1) == len(r2)
+
 
 def test_chunks_are_shared_out_by_characters():
     from gist_index.build import assign_chunks

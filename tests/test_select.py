@@ -26,9 +26,10 @@ def _reference_grads(cm, examples, ckpt, adam=False):
     return rows
 
 
-def gist_reference(train, val, subtasks, weights, k, full=False):
+def gist_reference(train, val, subtasks, weights, k, full=False, per_subtask=False):
     """The paper's formula, the way the official code computes it (Gram matrix eigendecomposition).
-    ``full``: the gist-full variant, the in-subspace coordinates divided by the norm of the whole gradient."""
+    ``full``: the gist-full variant, the in-subspace coordinates divided by the norm of the whole gradient;
+    ``per_subtask``: [rows, n_subtasks], before the max over sub-tasks."""
     names = sorted(set(subtasks), key=subtasks.index)
     w = np.asarray(weights, float) / np.sum(weights)
     acc = 0
@@ -44,7 +45,18 @@ def gist_reference(train, val, subtasks, weights, k, full=False):
         coords = T @ U
         coords /= np.linalg.norm(T if full else coords, axis=1, keepdims=True)
         acc = acc + wc * (coords @ means.T)
-    return acc.max(1)
+    return acc if per_subtask else acc.max(1)
+
+
+def round_robin_reference(scores, n):
+    """Sub-tasks take turns in order; each takes the row of its highest score (lowest row on ties) not yet taken."""
+    taken = []
+    while len(taken) < n:
+        for j in range(scores.shape[1]):
+            if len(taken) < n:
+                free = [r for r in np.lexsort((np.arange(len(scores)), -scores[:, j])) if r not in taken]
+                taken.append(int(free[0]))
+    return taken
 
 
 def less_reference(train, val, subtasks, weights):
@@ -127,6 +139,36 @@ def test_gist_full_equals_numpy_formula_and_differs_from_gist(exact, target_file
     assert list(sel.rows) == [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
     paper = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k)
     assert np.abs(paper - expected).max() > 1e-2  # a different score, not the paper's under another name
+
+
+@pytest.mark.parametrize("top", [5, 10, 25])
+def test_round_robin_equals_numpy_reference(exact, target_file, top):
+    stores, ref, d = exact
+    out = str(d / f"rr{top}.jsonl")
+    sel = select(stores["sgd"], [target_file], out, method="gist", subtasks="round-robin", top=top, progress=False)
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0], per_subtask=True)
+    expected = [ok[i] for i in round_robin_reference(per, top)]
+    assert list(sel.rows) == expected
+    assert [json.loads(line)["id"] for line in open(out)] == sel.ids
+    by_max = [ok[i] for i in np.argsort(-per.max(1), kind="stable")[:top]]
+    if top == 10:  # here the paper's max rule gives one sub-task more than its share: a different selection
+        counts = np.bincount(per[[ok.index(r) for r in by_max]].argmax(1), minlength=3)
+        assert counts.max() > -(-top // 3) and set(by_max) != set(expected)
+    for j, r in enumerate(sel.rows):  # each row's score is its own sub-task's (the one whose turn it was)
+        np.testing.assert_allclose(sel.scores[j], per[ok.index(r), j % 3], atol=2e-4)
+
+
+def test_round_robin_refuses_mips_and_rerank():
+    from gist_index.config import SelectConfig
+    from gist_index.errors import ConfigError
+
+    for kw in ({"method": "mips"}, {"rerank": 3.0}):
+        with pytest.raises(ConfigError, match="round-robin"):
+            SelectConfig(subtasks="round-robin", top=5, **kw)
+    with pytest.raises(ConfigError, match="subtasks"):
+        SelectConfig(subtasks="mean", top=5)
 
 
 def test_less_equals_less_formula_on_adam_store(exact, target_file):

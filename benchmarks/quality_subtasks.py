@@ -1,0 +1,163 @@
+"""Sub-task handling, ablated: GIST's max over sub-tasks against a round-robin over sub-tasks.
+
+The paper scores each training example by its best sub-task (``max_s``) and keeps the top N. With few validation
+examples per sub-task, one sub-task whose direction happens to line up with a large part of the pool can take
+most of the selection. The round-robin variant gives every sub-task an equal share: sub-tasks take turns, each
+taking its best example not yet taken (the same per-sub-task scores, only the merge differs). This script
+measures both on the targets with more than one sub-task of a finished ``benchmarks/quality.py`` run (its cache:
+base model, pool subsample, sgd store), fine-tuning with quality.py's settings and seeds. The per-sub-task scores
+are computed here from the store's vectors; the script checks that ``select --subtasks max`` (the default, quality.py's
+``gist``) and ``select --subtasks round-robin`` pick exactly the same rows.
+
+Reproduce::
+
+    python benchmarks/quality.py --warmup-epochs 4 --out DIR       # once, caches everything (bbh: 14 sub-tasks)
+    python benchmarks/quality_subtasks.py --warmup-epochs 4
+    python benchmarks/quality.py --no-default-targets --holdout-tasks dbpedia_14 xsum+quarel+social_i_qa --out DIR
+    python benchmarks/quality_subtasks.py --no-default-targets --holdout-tasks dbpedia_14 xsum+quarel+social_i_qa
+
+Writes benchmarks/results/quality_subtasks[-NAME].json; the last printed line is one JSON object of mean losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gist_index as gi  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    DEFAULT_POOL,
+    DEFAULT_TARGETS,
+    HERE,
+    BaseSpec,
+    RunSpec,
+    evaluate,
+    finetune,
+    load_target,
+    subspace_cosines,
+    summarise,
+    task_of,
+)
+from gist_index.config import SelectConfig  # noqa: E402
+from gist_index.data import read_examples  # noqa: E402
+from gist_index.model import load_tokenizer  # noqa: E402
+from gist_index.store import GradientStore  # noqa: E402
+
+
+def subtask_scores(store_path: str, target) -> np.ndarray:
+    """[rows, n_subtasks]: the paper's checkpoint-weighted in-subspace cosine with each sub-task direction
+    (-inf for rows without a gradient)."""
+    store = GradientStore.open(store_path)
+    out = np.full((store.n_rows, len(target.subtasks)), -np.inf)
+    for start, stop, vecs, valid in store.iter_chunks():
+        total = 0.0
+        for w, cs, x in zip(target.weights, target.checkpoints, vecs):
+            total = total + w * subspace_cosines(torch.from_numpy(x), cs)[0].numpy()
+        out[start:stop][valid] = total[valid]
+    return out
+
+
+def top_by_max(scores: np.ndarray, n: int) -> np.ndarray:
+    """The paper's rule: the n rows of highest best-sub-task score (ties: lower row first)."""
+    best = scores.max(axis=1)
+    return np.lexsort((np.arange(len(best)), -best))[:n]
+
+
+def round_robin(scores: np.ndarray, n: int) -> np.ndarray:
+    """Sub-tasks take turns (in order), each taking its best row not yet taken, until n rows are chosen."""
+    orders = [np.lexsort((np.arange(len(scores)), -scores[:, s])) for s in range(scores.shape[1])]
+    pos = [0] * len(orders)
+    taken: set[int] = set()
+    chosen: list[int] = []
+    limit = int(np.isfinite(scores[:, 0]).sum())
+    while len(chosen) < min(n, limit):
+        for s, order in enumerate(orders):
+            while int(order[pos[s]]) in taken:
+                pos[s] += 1
+            r = int(order[pos[s]])
+            taken.add(r)
+            chosen.append(r)
+            if len(chosen) == min(n, limit):
+                break
+    return np.asarray(chosen)
+
+
+def main(argv=None) -> None:
+    """Select with both rules on each multi-sub-task target, fine-tune, print a table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-default-targets", action="store_true", help="only the held-out targets")
+    ap.add_argument("--holdout-tasks", nargs="*", default=[], help="as given to quality.py")
+    ap.add_argument("--warmup-epochs", type=int, default=RunSpec().warmup_epochs, help="as given to quality.py")
+    ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
+    ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_subtasks[-holdout].json)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
+    base = os.path.join(args.cache, f"base-{BaseSpec().key(DEFAULT_POOL)}")
+    work = os.path.join(args.cache, f"run-{spec.key()}-{BaseSpec().key(DEFAULT_POOL)}")
+    store = os.path.join(work, "pool-sgd.gist")
+    if not os.path.isdir(store):
+        raise SystemExit(f"{store}: not found; run benchmarks/quality.py with the same options first")
+    out_file = args.out or os.path.join(
+        HERE, "results", "quality_subtasks" + ("-holdout" if args.holdout_tasks else "") + ".json"
+    )
+    tok = load_tokenizer(base)
+    pool = list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
+    row_of = {e.id: i for i, e in enumerate(pool)}
+    dirs = ([] if args.no_default_targets else DEFAULT_TARGETS) + [
+        os.path.join(work, "holdout", g) for g in args.holdout_tasks
+    ]
+    targets = [t for t in (load_target(d, tok, spec) for d in dirs) if len(set(t.subtasks)) > 1]
+    n = max(1, int(round(spec.fraction * len(pool))))
+    t0 = time.time()
+    res: dict = {"n_select": n, "seeds": list(spec.seeds), "warmup_epochs": spec.warmup_epochs, "targets": {}}
+    print(f"{'target':<26} {'rule':<12} {'loss':>16}  sub-tasks won (min-max)  top pool tasks")
+    for t in targets:
+        sel = gi.select(store, [t.val_file], None, SelectConfig(method="gist", top=n), progress=False)
+        scores = subtask_scores(store, sel.target)
+        picks = {"max": top_by_max(scores, n), "round-robin": round_robin(scores, n)}
+        rr = gi.select(store, [t.val_file], None, SelectConfig(top=n, subtasks="round-robin"), progress=False)
+        same = {
+            "max": set(picks["max"].tolist()) == {row_of[i] for i in sel.ids},
+            "round-robin": picks["round-robin"].tolist() == [row_of[i] for i in rr.ids],
+        }
+        entry = res["targets"].setdefault(t.name, {"subtasks": sel.target.subtasks, "package_agrees": same})
+        for rule, rows in picks.items():
+            won = np.bincount(scores[rows].argmax(axis=1), minlength=scores.shape[1])
+            tasks = [task_of(pool[int(r)]) for r in rows]
+            share = sorted(((tasks.count(k) / len(tasks), k) for k in set(tasks)), reverse=True)[:3]
+            losses = [
+                evaluate(finetune(base, tok, [pool[int(r)] for r in rows], spec, s), tok, t, spec)["loss"]
+                for s in spec.seeds
+            ]
+            entry[rule] = {
+                "loss": summarise(losses),
+                "subtask_won": won.tolist(),
+                "top_tasks": [[k, round(v, 3)] for v, k in share],
+            }
+            ls = entry[rule]["loss"]
+            print(
+                f"{t.name:<26} {rule:<12} {ls['mean']:>8.3f} ± {ls['std']:.3f}  {won.min():>3}-{won.max():<3} "
+                + ", ".join(f"{k} {v:.0%}" for v, k in share)
+                + f"  (= select --subtasks {rule}: {same[rule]})",
+                flush=True,
+            )
+    res["seconds"] = round(time.time() - t0, 1)
+    with open(out_file, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(f"wrote {out_file} in {res['seconds']:.0f} s")
+    rules = ("max", "round-robin")
+    print(json.dumps({t: {r: round(v[r]["loss"]["mean"], 4) for r in rules} for t, v in res["targets"].items()}))
+
+
+if __name__ == "__main__":
+    main()
