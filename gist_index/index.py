@@ -15,6 +15,7 @@ sub-task, slower than the exact scan of the store, while an IVF index visits onl
 CPU: FAISS's GPU search returns at most 2048 neighbours per query, too few for a top-5% of a large pool; on a GPU
 the exact scan (``--method gist``) is the fast path.
 """
+
 from __future__ import annotations
 
 import contextlib

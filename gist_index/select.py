@@ -3,8 +3,9 @@
 The exact methods (``gist``, ``gist-full``, ``less``) stream the store's chunks through one matrix product per
 checkpoint and keep a running top-N; a background thread reads the next chunks while the current one is scored
 (on the GPU when there is one; on the CPU, several chunks at once, one thread each). ``mips`` asks the store's
-FAISS index instead. The selection is written as JSON Lines, best first: each original record plus ``id``, ``score`` and
-``rank`` (1 = best), ready to train on.
+FAISS index instead. With ``--subtasks round-robin`` the scan keeps a top-N per sub-task instead, and the sub-tasks
+then take turns. The selection is written as JSON Lines, best first (round-robin: in the order taken): each original
+record plus ``id``, ``score`` and ``rank`` (1 = best), ready to train on.
 """
 
 from __future__ import annotations
@@ -232,27 +233,8 @@ def scan_top(
     all_scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``n`` rows over ``chunks`` (default all): (rows, scores), best first (ties: lower row first).
-
-    Chunk scores are kept in a list and reduced to the best ``n`` once they hold ``2 n`` rows, so that each row
-    is copied a bounded number of times (concatenating every chunk onto the running best grows as
-    ``N^2 / chunk_rows`` with a top 5%: 0.13 s at N = 1e6, 13 s at 1e7)."""
-    parts_s = [torch.empty(0, device=scorer.device)]
-    parts_r = [torch.empty(0, dtype=torch.int64, device=scorer.device)]
-    held = 0
-    todo = range(store.n_chunks) if chunks is None else chunks
-    for start, stop, s in progress_bar(
-        _scored_chunks(store, scorer, todo), enabled=progress, total=len(todo), desc="score", unit="chunk"
-    ):
-        if all_scores is not None:
-            all_scores[start:stop] = s.cpu().numpy()
-        parts_s.append(s)
-        parts_r.append(torch.arange(start, stop, device=s.device))
-        held += stop - start
-        if held >= 2 * n + store.chunk_rows:
-            best_s, best_r = _reduce(torch.cat(parts_s), torch.cat(parts_r), n)
-            parts_s, parts_r, held = [best_s], [best_r], len(best_s)
-    best_s, best_r = _reduce(torch.cat(parts_s), torch.cat(parts_r), n)
-    return best_first(best_r.cpu().numpy(), best_s.cpu().numpy())
+    ``all_scores`` receives every row's score."""
+    return _scan(store, scorer, n, chunks, progress, all_scores, per_subtask=False)[0]
 
 
 def scan_top_per_subtask(
@@ -265,12 +247,22 @@ def scan_top_per_subtask(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exact top-``n`` rows of every sub-task's own score: one (rows, scores) pair per sub-task, best first.
     ``all_scores`` receives every row's best-sub-task score, as :func:`scan_top`'s."""
+    return _scan(store, scorer, n, chunks, progress, all_scores, per_subtask=True)
+
+
+def _scan(store, scorer, n, chunks, progress, all_scores, per_subtask) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The top ``n`` of each score column: the best sub-task's (one column) or every sub-task's.
+
+    Chunk scores are kept in a list and reduced to the best ``n`` once they hold ``2 n`` rows, so that each row
+    is copied a bounded number of times (concatenating every chunk onto the running best grows as
+    ``N^2 / chunk_rows`` with a top 5%: 0.13 s at N = 1e6, 13 s at 1e7)."""
     todo = range(store.n_chunks) if chunks is None else chunks
-    parts: list[list] = [[] for _ in range(scorer.n_subtasks)]
+    parts: list[list] = [[] for _ in range(scorer.n_subtasks if per_subtask else 1)]
     held = 0
     for start, stop, s in progress_bar(
-        _scored_chunks(store, scorer, todo, per_subtask=True), enabled=progress, total=len(todo), desc="score"
+        _scored_chunks(store, scorer, todo, per_subtask), enabled=progress, total=len(todo), desc="score", unit="chunk"
     ):
+        s = s if per_subtask else s[:, None]
         if all_scores is not None:
             all_scores[start:stop] = s.max(dim=1).values.cpu().numpy()
         rows = torch.arange(start, stop, device=s.device)
@@ -279,7 +271,7 @@ def scan_top_per_subtask(
         held += stop - start
         if held >= 2 * n + store.chunk_rows:
             parts = [[_reduce(torch.cat([a for a, _ in p]), torch.cat([b for _, b in p]), n)] for p in parts]
-            held = n
+            held = max(len(p[0][0]) for p in parts)
     out = []
     for p in parts:
         if not p:
