@@ -145,12 +145,25 @@ def test_gist_full_equals_numpy_formula_and_differs_from_gist(exact, target_file
 def test_round_robin_equals_numpy_reference(exact, target_file, top):
     stores, ref, d = exact
     out = str(d / f"rr{top}.jsonl")
-    sel = select(stores["sgd"], [target_file], out, method="gist", subtasks="round-robin", top=top, progress=False)
+    scores_file = str(d / f"rr{top}.npy")
+    sel = select(
+        stores["sgd"],
+        [target_file],
+        out,
+        method="gist",
+        subtasks="round-robin",
+        top=top,
+        scores_out=scores_file,
+        progress=False,
+    )
     ok, T0 = _train_matrix(ref["sgd"][0])
     _, T1 = _train_matrix(ref["sgd"][1])
     per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0], per_subtask=True)
     expected = [ok[i] for i in round_robin_reference(per, top)]
     assert list(sel.rows) == expected
+    got = np.load(scores_file)  # every row's best-sub-task score, as with the paper's rule
+    assert np.isneginf(np.delete(got, ok)).all()
+    np.testing.assert_allclose(got[ok], per.max(1), atol=2e-4)
     assert [json.loads(line)["id"] for line in open(out)] == sel.ids
     by_max = [ok[i] for i in np.argsort(-per.max(1), kind="stable")[:top]]
     if top == 10:  # here the paper's max rule gives one sub-task more than its share: a different selection
