@@ -6,8 +6,9 @@ most of the selection. The round-robin variant gives every sub-task an equal sha
 taking its best example not yet taken (the same per-sub-task scores, only the merge differs). This script
 measures both on the targets with more than one sub-task of a finished ``benchmarks/quality.py`` run (its cache:
 base model, pool subsample, sgd store), fine-tuning with quality.py's settings and seeds. The per-sub-task scores
-are computed here from the store's vectors; the script checks that ``select --subtasks max`` (the default, quality.py's
-``gist``) and ``select --subtasks round-robin`` pick exactly the same rows.
+are computed here from the store's vectors (and merged with the package's rules, whose merge the tests check
+against a numpy reference); the script checks that ``select --subtasks max`` (the default, quality.py's ``gist``)
+and ``select --subtasks round-robin``, which scan the store themselves, pick exactly the same rows.
 
 Reproduce::
 
@@ -49,6 +50,7 @@ from benchmarks.quality import (  # noqa: E402
 from gist_index.config import SelectConfig  # noqa: E402
 from gist_index.data import read_examples  # noqa: E402
 from gist_index.model import load_tokenizer  # noqa: E402
+from gist_index.select import best_first, round_robin  # noqa: E402
 from gist_index.store import GradientStore  # noqa: E402
 
 
@@ -65,29 +67,9 @@ def subtask_scores(store_path: str, target) -> np.ndarray:
     return out
 
 
-def top_by_max(scores: np.ndarray, n: int) -> np.ndarray:
-    """The paper's rule: the n rows of highest best-sub-task score (ties: lower row first)."""
-    best = scores.max(axis=1)
-    return np.lexsort((np.arange(len(best)), -best))[:n]
-
-
-def round_robin(scores: np.ndarray, n: int) -> np.ndarray:
-    """Sub-tasks take turns (in order), each taking its best row not yet taken, until n rows are chosen."""
-    orders = [np.lexsort((np.arange(len(scores)), -scores[:, s])) for s in range(scores.shape[1])]
-    pos = [0] * len(orders)
-    taken: set[int] = set()
-    chosen: list[int] = []
-    limit = int(np.isfinite(scores[:, 0]).sum())
-    while len(chosen) < min(n, limit):
-        for s, order in enumerate(orders):
-            while int(order[pos[s]]) in taken:
-                pos[s] += 1
-            r = int(order[pos[s]])
-            taken.add(r)
-            chosen.append(r)
-            if len(chosen) == min(n, limit):
-                break
-    return np.asarray(chosen)
+def ranked(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row with a score, best first (ties: lower row first), as (rows, scores)."""
+    return best_first(np.arange(len(scores)), scores)
 
 
 def main(argv=None) -> None:
@@ -124,7 +106,10 @@ def main(argv=None) -> None:
     for t in targets:
         sel = gi.select(store, [t.val_file], None, SelectConfig(method="gist", top=n), progress=False)
         scores = subtask_scores(store, sel.target)
-        picks = {"max": top_by_max(scores, n), "round-robin": round_robin(scores, n)}
+        picks = {  # the package's merge rules, applied to the scores computed here
+            "max": ranked(scores.max(axis=1))[0][:n],
+            "round-robin": round_robin([ranked(scores[:, j]) for j in range(scores.shape[1])], n)[0],
+        }
         rr = gi.select(store, [t.val_file], None, SelectConfig(top=n, subtasks="round-robin"), progress=False)
         same = {
             "max": set(picks["max"].tolist()) == {row_of[i] for i in sel.ids},

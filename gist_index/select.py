@@ -237,21 +237,9 @@ def scan_top(
     return _scan(store, scorer, n, chunks, progress, all_scores, per_subtask=False)[0]
 
 
-def scan_top_per_subtask(
-    store: GradientStore,
-    scorer: Scorer,
-    n: int,
-    chunks: Sequence[int] | None = None,
-    progress: bool = True,
-    all_scores: np.ndarray | None = None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Exact top-``n`` rows of every sub-task's own score: one (rows, scores) pair per sub-task, best first.
-    ``all_scores`` receives every row's best-sub-task score, as :func:`scan_top`'s."""
-    return _scan(store, scorer, n, chunks, progress, all_scores, per_subtask=True)
-
-
 def _scan(store, scorer, n, chunks, progress, all_scores, per_subtask) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The top ``n`` of each score column: the best sub-task's (one column) or every sub-task's.
+    """The top ``n`` of each score column, best first: the best sub-task's (one column) or, with ``per_subtask``,
+    every sub-task's own; ``all_scores`` receives every row's best-sub-task score.
 
     Chunk scores are kept in a list and reduced to the best ``n`` once they hold ``2 n`` rows, so that each row
     is copied a bounded number of times (concatenating every chunk onto the running best grows as
@@ -344,27 +332,18 @@ def select(
     else:
         scorer = Scorer(target, cfg.method, resolve_device(device))
         mine = list(range(rank, store.n_chunks, world))
-        if cfg.subtasks == "round-robin":
-            tops = scan_top_per_subtask(store, scorer, n, mine, progress and rank == 0, all_scores)
-            if world > 1:
-                parts = gather((tops, all_scores), world)
-                if rank == 0:
-                    tops = [
-                        tuple(a[:n] for a in best_first(*(np.concatenate(x) for x in zip(*[p[0][j] for p in parts]))))
-                        for j in range(len(tops))
-                    ]
-                    if all_scores is not None:
-                        all_scores = np.max(np.stack([p[1] for p in parts]), axis=0)
-            rows, scores = round_robin(tops, n)
-        else:
-            rows, scores = scan_top(store, scorer, n_scan, mine, progress=progress and rank == 0, all_scores=all_scores)
-        if world > 1 and cfg.subtasks != "round-robin":
-            parts = gather((rows, scores, all_scores), world)
+        per_subtask = cfg.subtasks == "round-robin"  # one top list per sub-task; else one of the best sub-task
+        tops = _scan(store, scorer, n_scan, mine, progress and rank == 0, all_scores, per_subtask)
+        if world > 1:  # each rank scanned its share of the chunks: merge their lists, column by column
+            parts = gather((tops, all_scores), world)
             if rank == 0:
-                rows, scores = best_first(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-                rows, scores = rows[:n_scan], scores[:n_scan]
+                tops = [
+                    tuple(a[:n_scan] for a in best_first(*(np.concatenate(x) for x in zip(*[p[0][j] for p in parts]))))
+                    for j in range(len(tops))
+                ]
                 if all_scores is not None:
-                    all_scores = np.max(np.stack([p[2] for p in parts]), axis=0)
+                    all_scores = np.max(np.stack([p[1] for p in parts]), axis=0)
+        rows, scores = round_robin(tops, n) if per_subtask else tops[0]
     t2 = time.time()
     seconds = {"validation_gradients": t1 - t0, "scoring": t2 - t1}
     extra = {}
