@@ -131,7 +131,8 @@ class SelectConfig:
         "max",
         "how sub-tasks share the selection: max (the paper: each example scores its best sub-task, the top N "
         "overall) or round-robin (sub-tasks take turns, each taking its best example not yet taken: equal "
-        "shares; exact scans only, without --rerank)",
+        "shares; with mips each sub-task's query fetches N neighbours; with --rerank the candidates are taken in "
+        "turns, then the selection again on their exact scores)",
     )
     rerank: float = opt(
         0.0,
@@ -152,11 +153,6 @@ class SelectConfig:
             raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
         _positive(self, "batch_size", "candidates")
         _choice("subtasks", self.subtasks, ("max", "round-robin"))
-        if self.subtasks == "round-robin" and (self.method == "mips" or self.rerank):
-            raise ConfigError(
-                "--subtasks round-robin works with the exact scans (gist, gist-full, less), not with "
-                "--method mips or --rerank"
-            )
         if self.rerank != 0 and not self.rerank >= 1:
             raise ConfigError(f"rerank must be 0 (off) or at least 1, got {self.rerank}")
 

@@ -227,6 +227,15 @@ def mips_top(
     return top_r, top_s
 
 
+def mips_per_query(index, queries: np.ndarray, n: int, nprobe: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each query's own top ``n`` rows by inner product: [(rows, scores)] per query, best first (ties: lower row).
+
+    For ``--subtasks round-robin``: a sub-task taking turns can take at most ``n`` rows and skip only rows others
+    took, so ``n`` neighbours per query are always enough (exact for an exact index)."""
+    scores, rows = search(index, queries, n, nprobe)
+    return [_merge(r, s, n) for r, s in zip(rows, scores)]
+
+
 def valid_rows(store: GradientStore) -> int:
     """Number of rows with a gradient."""
     return int((store.column("status") == STATUS_OK).sum())

@@ -32,7 +32,7 @@ from .extract import CheckpointedModel
 from .progress import bar as progress_bar
 from .project import IdentityProjector, Projector
 from .store import GradientStore
-from .subspace import Scorer, Target, build_target, numerical_rank
+from .subspace import Scorer, Target, best_first, build_target, numerical_rank, round_robin
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,12 @@ def rerank(
     energy: float = 0.9,
     batch_size: int = 16,
     progress: bool = True,
+    subtask_rule: str = "max",
 ) -> tuple[np.ndarray, np.ndarray, Target]:
     """The best ``n`` of ``candidates`` (store rows) by ``method``'s score on unprojected gradients: (rows,
     scores) best first, and the exact target (its rank chosen from the exact spectrum unless ``rank`` is given).
-    ``mips`` is scored by the objective it approximates, ``gist-full``."""
+    ``mips`` is scored by the objective it approximates, ``gist-full``. With ``subtask_rule`` ``round-robin`` the
+    sub-tasks take turns over the candidates ranked by their own exact scores (rows in the order taken)."""
     method = "gist-full" if method == "mips" else method
     cfg = store.meta["config"]["compute"]
     candidates = np.sort(np.asarray(candidates, np.int64))
@@ -131,10 +133,12 @@ def rerank(
         del V, proj
     bar.close()
     target = build_target([f.validation_coords() for f in frames], subtasks, weights, rank=rank, energy=energy)
-    scores, _ = Scorer(target, method).score(coords)
-    scores = scores.numpy()
-    order = np.lexsort((candidates, -scores))[:n]
-    return candidates[order], scores[order], target
+    per = Scorer(target, method).subtask_scores(coords).numpy()
+    if subtask_rule == "round-robin":
+        rows, scores = round_robin([best_first(candidates, per[:, j]) for j in range(per.shape[1])], n)
+        return rows, scores, target
+    rows, scores = best_first(candidates, per.max(1))
+    return rows[:n], scores[:n], target
 
 
 def n_candidates(factor: float, n: int, n_available: int) -> int:

@@ -3,9 +3,10 @@
 The exact methods (``gist``, ``gist-full``, ``less``) stream the store's chunks through one matrix product per
 checkpoint and keep a running top-N; a background thread reads the next chunks while the current one is scored
 (on the GPU when there is one; on the CPU, several chunks at once, one thread each). ``mips`` asks the store's
-FAISS index instead. With ``--subtasks round-robin`` the scan keeps a top-N per sub-task instead, and the sub-tasks
-then take turns. The selection is written as JSON Lines, best first (round-robin: in the order taken): each original
-record plus ``id``, ``score`` and ``rank`` (1 = best), ready to train on.
+FAISS index instead. With ``--subtasks round-robin`` the scan (or the index) gives a top-N per sub-task instead,
+and the sub-tasks then take turns (with ``--rerank``: for the candidates, then again on their exact scores). The
+selection is written as JSON Lines, best first (round-robin: in the order taken): each original record plus
+``id``, ``score`` and ``rank`` (1 = best), ready to train on.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from .config import SelectConfig
 from .data import encode, iter_lines, load_examples, parse_line
 from .errors import ConfigError, ConfigMismatchError, DataError, StoreError
 from .extract import CheckpointedModel
-from .index import load_index, mips_top
+from .index import load_index, mips_per_query, mips_top
 from .model import adapter_fingerprint, model_fingerprint, resolve_device
 from .progress import bar as progress_bar
 from .rerank import n_candidates, rerank
 from .store import GradientStore
-from .subspace import Scorer, Target, build_target
+from .subspace import Scorer, Target, best_first, build_target, round_robin
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +175,6 @@ def _reduce(s: torch.Tensor, r: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     return s[keep], r[keep]
 
 
-def best_first(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order by score descending, then row ascending; drop rows without a score (-inf)."""
-    order = np.lexsort((rows, -scores.astype(np.float64)))
-    rows, scores = rows[order], scores[order]
-    keep = np.isfinite(scores)
-    return rows[keep], scores[keep]
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int):
     """Run torch ops on ``n`` threads inside the block (restored after)."""
@@ -270,28 +263,6 @@ def _scan(store, scorer, n, chunks, progress, all_scores, per_subtask) -> list[t
     return out
 
 
-def round_robin(per_subtask: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-tasks take turns, in order, each taking its best row not yet taken, until ``n`` rows (or none left).
-    Returns (rows, scores) in the order taken; a row's score is that of the sub-task that took it."""
-    pos = [0] * len(per_subtask)
-    taken: set[int] = set()
-    rows: list[int] = []
-    scores: list[float] = []
-    while len(rows) < n:
-        moved = False
-        for j, (r, s) in enumerate(per_subtask):
-            while pos[j] < len(r) and int(r[pos[j]]) in taken:
-                pos[j] += 1
-            if pos[j] < len(r) and len(rows) < n:
-                taken.add(int(r[pos[j]]))
-                rows.append(int(r[pos[j]]))
-                scores.append(float(s[pos[j]]))
-                moved = True
-        if not moved:
-            break
-    return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
-
-
 def select(
     store_path: str,
     target_files: Sequence[str],
@@ -327,12 +298,16 @@ def select(
     t1 = time.time()
     all_scores = np.full(store.n_rows, -np.inf, np.float32) if scores_out else None
     n_scan = n_candidates(cfg.rerank, n, int(store.meta["summary"]["n_with_gradient"])) if cfg.rerank else n
+    per_subtask = cfg.subtasks == "round-robin"  # one top list per sub-task; else one of the best sub-task
     if cfg.method == "mips":
-        rows, scores = mips_top(load_index(store), target.mips_queries(), n_scan, cfg.candidates, cfg.nprobe)
+        index, queries = load_index(store), target.mips_queries()
+        if per_subtask:
+            tops = mips_per_query(index, queries, n_scan, cfg.nprobe)
+        else:
+            tops = [mips_top(index, queries, n_scan, cfg.candidates, cfg.nprobe)]
     else:
         scorer = Scorer(target, cfg.method, resolve_device(device))
         mine = list(range(rank, store.n_chunks, world))
-        per_subtask = cfg.subtasks == "round-robin"  # one top list per sub-task; else one of the best sub-task
         tops = _scan(store, scorer, n_scan, mine, progress and rank == 0, all_scores, per_subtask)
         if world > 1:  # each rank scanned its share of the chunks: merge their lists, column by column
             parts = gather((tops, all_scores), world)
@@ -343,7 +318,8 @@ def select(
                 ]
                 if all_scores is not None:
                     all_scores = np.max(np.stack([p[1] for p in parts]), axis=0)
-        rows, scores = round_robin(tops, n) if per_subtask else tops[0]
+    # with --rerank, the candidates: the best n_scan rows (round-robin: taken in turns)
+    rows, scores = round_robin(tops, n_scan) if per_subtask else tops[0]
     t2 = time.time()
     seconds = {"validation_gradients": t1 - t0, "scoring": t2 - t1}
     extra = {}
@@ -362,6 +338,7 @@ def select(
             cfg.energy,
             cfg.batch_size,
             progress,
+            cfg.subtasks,
         )
         extra = {
             "candidates": int(n_scan),

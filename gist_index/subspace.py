@@ -140,6 +140,36 @@ def build_target(
     return target
 
 
+def best_first(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order by score descending, then row ascending; drop rows without a score (-inf)."""
+    order = np.lexsort((rows, -scores.astype(np.float64)))
+    rows, scores = rows[order], scores[order]
+    keep = np.isfinite(scores)
+    return rows[keep], scores[keep]
+
+
+def round_robin(per_subtask: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-tasks take turns, in order, each taking its best row not yet taken, until ``n`` rows (or none left).
+    Returns (rows, scores) in the order taken; a row's score is that of the sub-task that took it."""
+    pos = [0] * len(per_subtask)
+    taken: set[int] = set()
+    rows: list[int] = []
+    scores: list[float] = []
+    while len(rows) < n:
+        moved = False
+        for j, (r, s) in enumerate(per_subtask):
+            while pos[j] < len(r) and int(r[pos[j]]) in taken:
+                pos[j] += 1
+            if pos[j] < len(r) and len(rows) < n:
+                taken.add(int(r[pos[j]]))
+                rows.append(int(r[pos[j]]))
+                scores.append(float(s[pos[j]]))
+                moved = True
+        if not moved:
+            break
+    return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+
 def _pad_columns(a: np.ndarray, multiple: int = 16) -> np.ndarray:
     """``a`` with zero columns appended up to a multiple of ``multiple`` columns."""
     a = np.asarray(a)

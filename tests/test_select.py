@@ -173,13 +173,25 @@ def test_round_robin_equals_numpy_reference(exact, target_file, top):
         np.testing.assert_allclose(sel.scores[j], per[ok.index(r), j % 3], atol=2e-4)
 
 
-def test_round_robin_refuses_mips_and_rerank():
+def test_round_robin_through_the_index_equals_the_numpy_reference(exact, target_file):
+    """mips with round-robin: one FAISS query per sub-task; with a Flat index, exactly gist-full's round-robin."""
+    stores, ref, d = exact
+    sel = select(stores["sgd"], [target_file], None, method="mips", subtasks="round-robin", top=10, progress=False)
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    k = sel.target.ranks[0]
+    per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, full=True, per_subtask=True)
+    assert list(sel.rows) == [ok[i] for i in round_robin_reference(per, 10)]
+    for j, r in enumerate(sel.rows):
+        np.testing.assert_allclose(sel.scores[j], per[ok.index(r), j % 3], atol=2e-4)
+    plain = select(stores["sgd"], [target_file], None, method="mips", top=10, progress=False)
+    assert set(plain.rows) != set(sel.rows)  # the max rule picks differently here (else the test shows nothing)
+
+
+def test_subtasks_rule_is_checked():
     from gist_index.config import SelectConfig
     from gist_index.errors import ConfigError
 
-    for kw in ({"method": "mips"}, {"rerank": 3.0}):
-        with pytest.raises(ConfigError, match="round-robin"):
-            SelectConfig(subtasks="round-robin", top=5, **kw)
     with pytest.raises(ConfigError, match="subtasks"):
         SelectConfig(subtasks="mean", top=5)
 
@@ -280,4 +292,37 @@ def test_rerank_keeps_the_exact_best_of_the_projected_candidates(exact, projecte
     best = candidates[np.argsort(-exact_scores[candidates], kind="stable")[:6]]
     assert sorted(sel.rows.tolist()) == sorted(best.tolist())
     np.testing.assert_allclose(sel.scores, np.sort(exact_scores[best])[::-1], atol=2e-4)
+    assert sel.report()["rerank"]["candidates"] == 15
+
+
+def test_round_robin_with_rerank_of_every_row_equals_the_exact_round_robin(exact, projected, target_file):
+    _, ref, _ = exact
+    stores, d = projected
+    sel = select(
+        stores["sgd"], [target_file], None, method="gist", subtasks="round-robin", top=10, rerank=1000, progress=False
+    )
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0], per_subtask=True)
+    expected = [ok[i] for i in round_robin_reference(per, 10)]
+    assert list(sel.rows) == expected
+    plain = select(stores["sgd"], [target_file], None, method="gist", subtasks="round-robin", top=10, progress=False)
+    assert list(plain.rows) != expected  # the projected store alone gets it wrong (else the test shows nothing)
+
+
+def test_round_robin_with_rerank_takes_the_candidates_in_turns(exact, projected, target_file):
+    """--rerank 2.5 with round-robin: the 15 candidates are the projected round-robin's first 15; the sub-tasks
+    then take turns again over the candidates, ranked by their exact scores."""
+    _, ref, _ = exact
+    stores, d = projected
+    kw = dict(method="gist", subtasks="round-robin", progress=False)
+    candidates = select(stores["sgd"], [target_file], None, top=15, **kw).rows
+    sel = select(stores["sgd"], [target_file], None, top=6, rerank=2.5, **kw)
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0], per_subtask=True)
+    sub = per[[ok.index(int(r)) for r in candidates]]
+    order = np.argsort(candidates, kind="stable")  # ties go to the lower row, as in the reference
+    expected = [int(candidates[order][i]) for i in round_robin_reference(sub[order], 6)]
+    assert list(sel.rows) == expected
     assert sel.report()["rerank"]["candidates"] == 15
