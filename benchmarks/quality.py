@@ -664,6 +664,14 @@ def markdown(results: dict) -> str:
             c = fmt_loss(t["methods"][m]["loss"])
             cells.append(f"**{c}**" if t["methods"][m]["loss"]["mean"] == best else c)
         lines.append(f"| {name} | {t['base']['loss']:.3f} | " + " | ".join(cells) + " |")
+    same = [
+        f"{m} on {name} = {e['same_selection_as']}"
+        for name, t in R["targets"].items()
+        for m, e in t["methods"].items()
+        if "same_selection_as" in e
+    ]
+    if same:
+        lines += ["", "The same selection as another method (its fine-tunes reused): " + "; ".join(same) + "."]
     em_targets = {n: t for n, t in R["targets"].items() if "em" in t["base"]}
     if em_targets:
         lines += ["", "## Exact match (mean ± std over seeds; short-answer test examples)", ""]
@@ -951,12 +959,16 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
         (m, t.name, s) for t in targets for m in METHODS if m != "random" for s in spec.seeds
     ]
     scores: dict[str, dict[str, list[dict]]] = {t.name: {m: [] for m in METHODS} for t in targets}
+    same_as: dict[str, dict[str, str]] = {t.name: {} for t in targets}
     by_name = {t.name: t for t in targets}
     with timer.stage("fine-tune and evaluate"):
         base_model_ = load_base_model(base)
         base_eval = {t.name: evaluate(base_model_, tok, t, spec) for t in targets}
         del base_model_
         bar = progress_bar(total=len(runs), enabled=args.progress, desc="fine-tune", unit="run")
+        # a method that selected exactly the rows (in order) of one already fine-tuned with this seed is not
+        # fine-tuned again (gist-rr is gist on a target with one sub-task): the same run would follow
+        done: dict[tuple, tuple[str, dict]] = {}
         for method, tname, seed in runs:
             if method == "random":
                 rows = np.sort(np.random.default_rng(1000 + seed).choice(len(pool), n_select, replace=False))
@@ -964,11 +976,19 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
             else:
                 rows = selections[tname][method]
                 evals = [by_name[tname]]
+                key = (tname, rows.tobytes(), seed)
+                if key in done:
+                    same_as[tname][method] = done[key][0]
+                    scores[tname][method].append(done[key][1])
+                    bar.update(1)
+                    continue
             pm = finetune(base, tok, [pool[int(r)] for r in rows], spec, seed)
             for t in evals:
                 scores[t.name][method].append(evaluate(pm, tok, t, spec))
                 if method == "random" and seed == spec.seeds[0]:
                     selections[t.name]["random"] = rows
+            if method != "random":
+                done[key] = (method, scores[tname][method][-1])
             bar.update(1)
             bar.set_postfix(run=f"{method}/{tname or 'all'}/{seed}")
             del pm
@@ -1003,6 +1023,8 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
                 entry["em"] = summarise([s["em"] for s in scores[t.name][m]])
             if m in reports[t.name]:
                 entry.update(reports[t.name][m])
+            if m in same_as[t.name]:
+                entry["same_selection_as"] = same_as[t.name][m]
             if m == "mips":  # mips searches gist-full's score: how much of the exact gist-full top-N it found
                 full = set(selections[t.name]["gist-full"].tolist())
                 entry["overlap_with_exact_gist_full"] = round(len(set(rows.tolist()) & full) / n_select, 4)
