@@ -651,7 +651,7 @@ def task_focus(shares: dict, pool_counts: dict) -> float:
 
 
 def fmt_loss(s: dict) -> str:
-    """``mean ± std [min, max]``."""
+    """``mean ± std`` (the min and max over seeds stay in the JSON)."""
     return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
