@@ -655,6 +655,32 @@ def fmt_loss(s: dict) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
+def loss_table(targets: Sequence[tuple[str, dict]], methods: Sequence[str]) -> list[str]:
+    """Markdown lines: a row of test losses per (name, target results), the best in bold, ``-`` where a method
+    is missing (a run older than it)."""
+    lines = ["| target | base (no FT) | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for name, t in targets:
+        best = min(v["loss"]["mean"] for v in t["methods"].values())
+        cells = []
+        for m in methods:
+            v = t["methods"].get(m)
+            c = "-" if v is None else fmt_loss(v["loss"])
+            cells.append(f"**{c}**" if v is not None and v["loss"]["mean"] == best else c)
+        lines.append(f"| {name} | {t['base']['loss']:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cached_run(cache: str, spec: RunSpec) -> tuple[str, str, object, list[Example]]:
+    """What a finished run with ``spec`` left in ``cache``: (base model dir, run dir holding ``pool-sgd.gist``,
+    tokenizer, pool subsample); exits with a message when that run has not been made."""
+    key = BaseSpec().key(DEFAULT_POOL)
+    base, work = os.path.join(cache, f"base-{key}"), os.path.join(cache, f"run-{spec.key()}-{key}")
+    if not os.path.isdir(os.path.join(work, "pool-sgd.gist")):
+        raise SystemExit(f"{work}/pool-sgd.gist: not found; run benchmarks/quality.py with the same options first")
+    tok = load_tokenizer(base)
+    return base, work, tok, list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables."""
     R = results
@@ -665,15 +691,7 @@ def markdown(results: dict) -> str:
         f"({100 * R['spec']['fraction']:.0f}%). Fine-tuning: {len(R['spec']['seeds'])} seeds per selection."
     )
     lines += ["", "## Target test loss (mean ± std over seeds; lower is better)", ""]
-    lines.append("| target | base (no FT) | " + " | ".join(methods) + " |")
-    lines.append("|---|---|" + "---|" * len(methods))
-    for name, t in R["targets"].items():
-        best = min(t["methods"][m]["loss"]["mean"] for m in methods)
-        cells = []
-        for m in methods:
-            c = fmt_loss(t["methods"][m]["loss"])
-            cells.append(f"**{c}**" if t["methods"][m]["loss"]["mean"] == best else c)
-        lines.append(f"| {name} | {t['base']['loss']:.3f} | " + " | ".join(cells) + " |")
+    lines += loss_table(list(R["targets"].items()), methods)
     same = [
         f"{m} on {name} = {e['same_selection_as']}"
         for name, t in R["targets"].items()

@@ -28,11 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
-    DEFAULT_POOL,
     DEFAULT_TARGETS,
     HERE,
-    BaseSpec,
     RunSpec,
+    cached_run,
     evaluate,
     finetune,
     load_target,
@@ -40,8 +39,6 @@ from benchmarks.quality import (  # noqa: E402
     task_of,
 )
 from gist_index.config import SelectConfig  # noqa: E402
-from gist_index.data import read_examples  # noqa: E402
-from gist_index.model import load_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -54,13 +51,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = RunSpec()
-    base = os.path.join(args.cache, f"base-{BaseSpec().key(DEFAULT_POOL)}")
-    work = os.path.join(args.cache, f"run-{spec.key()}-{BaseSpec().key(DEFAULT_POOL)}")
+    base, work, tok, pool = cached_run(args.cache, spec)
     store = os.path.join(work, "pool-sgd.gist")
-    if not os.path.isdir(store):
-        raise SystemExit(f"{store}: not found; run benchmarks/quality.py first")
-    tok = load_tokenizer(base)
-    pool = list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
     row_of = {e.id: i for i, e in enumerate(pool)}
     targets = [load_target(d, tok, spec) for d in DEFAULT_TARGETS]
     n = max(1, int(round(spec.fraction * len(pool))))

@@ -35,11 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
-    DEFAULT_POOL,
     DEFAULT_TARGETS,
     HERE,
-    BaseSpec,
     RunSpec,
+    cached_run,
     evaluate,
     finetune,
     load_target,
@@ -48,10 +47,8 @@ from benchmarks.quality import (  # noqa: E402
     task_of,
 )
 from gist_index.config import SelectConfig  # noqa: E402
-from gist_index.data import read_examples  # noqa: E402
-from gist_index.model import load_tokenizer  # noqa: E402
-from gist_index.select import best_first, round_robin  # noqa: E402
 from gist_index.store import GradientStore  # noqa: E402
+from gist_index.subspace import best_first, round_robin  # noqa: E402
 
 
 def subtask_scores(store_path: str, target) -> np.ndarray:
@@ -84,16 +81,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
-    base = os.path.join(args.cache, f"base-{BaseSpec().key(DEFAULT_POOL)}")
-    work = os.path.join(args.cache, f"run-{spec.key()}-{BaseSpec().key(DEFAULT_POOL)}")
+    base, work, tok, pool = cached_run(args.cache, spec)
     store = os.path.join(work, "pool-sgd.gist")
-    if not os.path.isdir(store):
-        raise SystemExit(f"{store}: not found; run benchmarks/quality.py with the same options first")
     out_file = args.out or os.path.join(
         HERE, "results", "quality_subtasks" + ("-holdout" if args.holdout_tasks else "") + ".json"
     )
-    tok = load_tokenizer(base)
-    pool = list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
     row_of = {e.id: i for i, e in enumerate(pool)}
     dirs = ([] if args.no_default_targets else DEFAULT_TARGETS) + [
         os.path.join(work, "holdout", g) for g in args.holdout_tasks

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.quality import METHODS, fmt_loss, goals, task_focus  # noqa: E402
+from benchmarks.quality import METHODS, goals, loss_table, task_focus  # noqa: E402
 
 
 def load(paths: list[str]) -> list[tuple[str, dict, dict]]:
@@ -37,15 +37,7 @@ def load(paths: list[str]) -> list[tuple[str, dict, dict]]:
 def tables(rows: list[tuple[str, dict, dict]]) -> tuple[str, dict]:
     """Markdown tables and the goal counts."""
     methods = [m for m in METHODS if any(m in t["methods"] for _, t, _ in rows)]
-    lines = ["| target | base (no FT) | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    for name, t, _ in rows:
-        best = min(v["loss"]["mean"] for v in t["methods"].values())
-        cells = []
-        for m in methods:
-            v = t["methods"].get(m)
-            c = "-" if v is None else fmt_loss(v["loss"])
-            cells.append(f"**{c}**" if v is not None and v["loss"]["mean"] == best else c)
-        lines.append(f"| {name} | {t['base']['loss']:.3f} | " + " | ".join(cells) + " |")
+    lines = loss_table([(name, t) for name, t, _ in rows], methods)
     lines += ["", "| target | k | gist d=8192 | gist-full d=8192 | gist `--rerank 3` |", "|---|---|---|---|---|"]
     for name, _, run in rows:
         f, d = run["fidelity"]["targets"][name], str(run["fidelity"]["d"])
