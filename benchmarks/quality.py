@@ -9,6 +9,8 @@ Usage (the defaults are the documented run; see benchmarks/README.md, "## qualit
 Base model (cached, pretrained once): byte-level BPE tokenizer and a small Llama trained from scratch on the pool's
 text. The pool is split in two by a hash of each example's id: the *pretraining half* trains the tokenizer and the
 base; the benchmark's pool subsample is drawn from the other half, so no candidate was seen in pretraining.
+With ``--holdout-tasks T ... --unseen`` the base is pretrained without those tasks at all (its own cache), so a
+held-out target is new to the base model as a task, as the paper's targets are to theirs.
 
 A run (timed; only the base model is cached):
 
@@ -82,11 +84,17 @@ class BaseSpec:
     batch_size: int = 32
     max_length: int = 320
     seed: int = 0
+    exclude: tuple[str, ...] = ()  # pool tasks kept out of pretraining (``--unseen``: held-out targets)
 
     def key(self, pool: Sequence[str]) -> str:
-        """Cache key: the spec and the pool files' names and sizes."""
+        """Cache key: the spec and the pool files' names and sizes (a base without exclusions keeps its old key)."""
         files = [(os.path.basename(p), os.path.getsize(p)) for p in pool]
-        return hashlib.sha256(json.dumps([asdict(self), files]).encode()).hexdigest()[:12]
+        spec = asdict(self)
+        if not self.exclude:
+            spec.pop("exclude")
+        else:
+            spec["exclude"] = sorted(self.exclude)
+        return hashlib.sha256(json.dumps([spec, files]).encode()).hexdigest()[:12]
 
 
 def in_pretraining_half(rid: str) -> bool:
@@ -120,8 +128,14 @@ def base_model(pool_paths: Sequence[str], cache: str, spec: BaseSpec, progress: 
     t0 = time.time()
     pool = read_pool(pool_paths)
     # the rendered text ends with the EOS string; pretrain_lm appends the EOS token itself
-    texts = [example_text(e).removesuffix("</s>") for e in pool if in_pretraining_half(e.id)]
-    print(f"[base] pretraining a Llama from scratch on {len(texts)} texts (the pretraining half of the pool)")
+    excluded = set(spec.exclude)
+    texts = [
+        example_text(e).removesuffix("</s>") for e in pool if in_pretraining_half(e.id) and task_of(e) not in excluded
+    ]
+    print(
+        f"[base] pretraining a Llama from scratch on {len(texts)} texts (the pretraining half of the pool"
+        + (f", without the tasks {sorted(excluded)})" if excluded else ")")
+    )
     tok = train_tokenizer(texts, vocab_size=spec.vocab_size)
     model = make_llama(
         tok,
@@ -299,8 +313,9 @@ def holdout_targets(pool: Sequence[Example], tok, spec: RunSpec, out: str) -> li
     """Targets made of pool tasks held out from the pool subsample (a check on targets never tuned for).
 
     Each ``spec.holdout`` entry is a task or ``task+task+...``; its examples come from the selection half (never
-    pretrained on). Validation: 8 examples of a single task, or 3 per task with ``subtask`` = task; test: the
-    rest (the usual test subsample is drawn from it). Returns the target directories written under ``out``.
+    pretrained on; with ``--unseen`` the base saw none of the task's examples). Validation: 8 examples of a
+    single task, or 3 per task with ``subtask`` = task; test: the rest (the usual test subsample is drawn from
+    it). Returns the target directories written under ``out``.
     """
     rng = np.random.default_rng(spec.seed + 1)
     dirs = []
@@ -670,10 +685,10 @@ def loss_table(targets: Sequence[tuple[str, dict]], methods: Sequence[str]) -> l
     return lines
 
 
-def cached_run(cache: str, spec: RunSpec) -> tuple[str, str, object, list[Example]]:
-    """What a finished run with ``spec`` left in ``cache``: (base model dir, run dir holding ``pool-sgd.gist``,
-    tokenizer, pool subsample); exits with a message when that run has not been made."""
-    key = BaseSpec().key(DEFAULT_POOL)
+def cached_run(cache: str, spec: RunSpec, base_spec: BaseSpec = BaseSpec()) -> tuple[str, str, object, list[Example]]:
+    """What a finished run with ``spec`` on the base ``base_spec`` left in ``cache``: (base model dir, run dir
+    holding ``pool-sgd.gist``, tokenizer, pool subsample); exits with a message when that run has not been made."""
+    key = base_spec.key(DEFAULT_POOL)
     base, work = os.path.join(cache, f"base-{key}"), os.path.join(cache, f"run-{spec.key()}-{key}")
     if not os.path.isdir(os.path.join(work, "pool-sgd.gist")):
         raise SystemExit(f"{work}/pool-sgd.gist: not found; run benchmarks/quality.py with the same options first")
@@ -690,6 +705,9 @@ def markdown(results: dict) -> str:
         f"Pool: {R['pool']['n']:,} examples: {R['pool']['rule']}. Selection: top {R['n_select']} "
         f"({100 * R['spec']['fraction']:.0f}%). Fine-tuning: {len(R['spec']['seeds'])} seeds per selection."
     )
+    excluded = R["base"].get("spec", {}).get("exclude")
+    if excluded:
+        lines += ["", f"Base model pretrained without the tasks {', '.join(excluded)} (`--unseen`)."]
     lines += ["", "## Target test loss (mean ± std over seeds; lower is better)", ""]
     lines += loss_table(list(R["targets"].items()), methods)
     same = [
@@ -865,7 +883,7 @@ def plots(results: dict, out: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
+def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec = BaseSpec()) -> dict:
     """Everything after the base model; returns the results (also written to ``args.out``)."""
     import shutil
 
@@ -873,7 +891,7 @@ def run(args, base: str, base_record: dict, spec: RunSpec) -> dict:
 
     timer = Timer()
     tok = load_tokenizer(base)
-    work = os.path.join(args.cache, f"run-{spec.key()}-{BaseSpec().key(args.pool)}")
+    work = os.path.join(args.cache, f"run-{spec.key()}-{base_spec.key(args.pool)}")
     reused = []
     if not args.reuse and os.path.isdir(work):
         shutil.rmtree(work)
@@ -1131,6 +1149,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="pool tasks (or task+task groups) to hold out of the pool and use as extra targets",
     )
+    ap.add_argument(
+        "--unseen",
+        action="store_true",
+        help="keep the --holdout-tasks out of the base model's pretraining too (a cached base per set of tasks)",
+    )
     ap.add_argument("--base", help="use this base model directory instead of the cached one")
     ap.add_argument("--base-only", action="store_true", help="only pretrain (and cache) the base model")
     ap.add_argument(
@@ -1160,10 +1183,18 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.cache, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
+    if args.unseen and not args.holdout_tasks:
+        raise SystemExit("--unseen: give the tasks to keep out of pretraining with --holdout-tasks")
+    held = sorted({t for group in args.holdout_tasks for t in group.split("+")})
+    if held:  # fail before a long pretraining, not after
+        known = {task_of(e) for e in read_pool(args.pool)}
+        if set(held) - known:
+            raise SystemExit(f"--holdout-tasks: no pool task {sorted(set(held) - known)}; the pool has {sorted(known)}")
+    base_spec = BaseSpec(exclude=tuple(held) if args.unseen else ())
     if args.base:
         base, base_record = args.base, {"pretrain_seconds": float("nan"), "note": "given with --base"}
     else:
-        base, base_record = base_model(args.pool, args.cache, BaseSpec(), args.progress)
+        base, base_record = base_model(args.pool, args.cache, base_spec, args.progress)
     if args.base_only:
         print(json.dumps({"base": base, **base_record}))
         return
@@ -1174,7 +1205,7 @@ def main(argv=None) -> None:
         holdout=tuple(args.holdout_tasks),
         warmup_epochs=args.warmup_epochs,
     )
-    results = run(args, base, base_record, spec)
+    results = run(args, base, base_record, spec, base_spec)
     with open(os.path.join(args.out, "quality.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     md = markdown(results)
