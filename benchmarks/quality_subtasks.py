@@ -16,6 +16,7 @@ Reproduce::
     python benchmarks/quality_subtasks.py --warmup-epochs 4
     python benchmarks/quality.py --no-default-targets --holdout-tasks dbpedia_14 xsum+quarel+social_i_qa --out DIR
     python benchmarks/quality_subtasks.py --no-default-targets --holdout-tasks dbpedia_14 xsum+quarel+social_i_qa
+    python benchmarks/quality_subtasks.py --no-finetune ...   # only the selections and their sub-task counts
 
 Writes benchmarks/results/quality_subtasks[-NAME].json; the last printed line is one JSON object of mean losses.
 """
@@ -37,6 +38,7 @@ import gist_index as gi  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
     DEFAULT_TARGETS,
     HERE,
+    BaseSpec,
     RunSpec,
     cached_run,
     evaluate,
@@ -74,6 +76,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-default-targets", action="store_true", help="only the held-out targets")
     ap.add_argument("--holdout-tasks", nargs="*", default=[], help="as given to quality.py")
+    ap.add_argument("--unseen", action="store_true", help="as given to quality.py")
+    ap.add_argument(
+        "--no-finetune",
+        dest="finetune",
+        action="store_false",
+        help="only the selections and their sub-task counts (quality.py fine-tunes gist and gist-rr itself)",
+    )
     ap.add_argument("--warmup-epochs", type=int, default=RunSpec().warmup_epochs, help="as given to quality.py")
     ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_subtasks[-holdout].json)")
@@ -81,7 +90,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
-    base, work, tok, pool = cached_run(args.cache, spec)
+    held = sorted({t for g in args.holdout_tasks for t in g.split("+")})
+    base, work, tok, pool = cached_run(args.cache, spec, BaseSpec(exclude=tuple(held) if args.unseen else ()))
     store = os.path.join(work, "pool-sgd.gist")
     out_file = args.out or os.path.join(
         HERE, "results", "quality_subtasks" + ("-holdout" if args.holdout_tasks else "") + ".json"
@@ -114,16 +124,17 @@ def main(argv=None) -> None:
             share = sorted(((tasks.count(k) / len(tasks), k) for k in set(tasks)), reverse=True)[:3]
             losses = [
                 evaluate(finetune(base, tok, [pool[int(r)] for r in rows], spec, s), tok, t, spec)["loss"]
-                for s in spec.seeds
+                for s in (spec.seeds if args.finetune else ())
             ]
             entry[rule] = {
-                "loss": summarise(losses),
+                "loss": summarise(losses) if losses else None,
                 "subtask_won": won.tolist(),
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
             }
             ls = entry[rule]["loss"]
+            shown = f"{ls['mean']:>8.3f} ± {ls['std']:.3f}" if ls else f"{'(no fine-tuning)':>16}"
             print(
-                f"{t.name:<26} {rule:<12} {ls['mean']:>8.3f} ± {ls['std']:.3f}  {won.min():>3}-{won.max():<3} "
+                f"{t.name:<26} {rule:<12} {shown}  {won.min():>3}-{won.max():<3} "
                 + ", ".join(f"{k} {v:.0%}" for v, k in share)
                 + f"  (= select --subtasks {rule}: {same[rule]})",
                 flush=True,
@@ -133,7 +144,14 @@ def main(argv=None) -> None:
         json.dump(res, fh, indent=1)
     print(f"wrote {out_file} in {res['seconds']:.0f} s")
     rules = ("max", "round-robin")
-    print(json.dumps({t: {r: round(v[r]["loss"]["mean"], 4) for r in rules} for t, v in res["targets"].items()}))
+    print(
+        json.dumps(
+            {
+                t: {r: round(v[r]["loss"]["mean"], 4) if v[r]["loss"] else None for r in rules}
+                for t, v in res["targets"].items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -119,6 +119,10 @@ def _print_selection(sel, out: str) -> None:
         f"  sub-tasks: {len(rep['subtasks'])}; rank k per checkpoint: {rep['rank']}; "
         f"energy kept: {rep['energy_captured']}"
     )
+    picks = rep["subtask_picks"]
+    if len(picks) > 1:
+        rule = "in turns" if rep["subtask_rule"] == "round-robin" else "best match"
+        print(f"  picked per sub-task ({rule}): " + ", ".join(f"{k} {v}" for k, v in picks.items()))
     if "rerank" in rep:
         rr = rep["rerank"]
         print(

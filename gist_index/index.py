@@ -183,21 +183,24 @@ def search(index, queries: np.ndarray, k: int, nprobe: int = 0) -> tuple[np.ndar
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def _merge(rows: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` distinct rows with the best scores (each row at its best score): best first, ties lower row."""
+def _merge(rows: np.ndarray, scores: np.ndarray, n: int, query: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """The ``n`` distinct rows with the best scores (each row at its best score): best first, ties lower row;
+    with ``query`` (which query returned each entry), also the query of each row's best score."""
     ok = rows >= 0
     rows, scores = rows[ok], scores[ok]
     order = np.lexsort((rows, -scores.astype(np.float64)))
     rows, scores = rows[order], scores[order]
     _, first = np.unique(rows, return_index=True)  # a row's first place in this order is its best score
     keep = np.sort(first)[:n]
-    return rows[keep].astype(np.int64), scores[keep].astype(np.float32)
+    out = (rows[keep].astype(np.int64), scores[keep].astype(np.float32))
+    return out if query is None else (*out, query[ok][order][keep].astype(np.int64))
 
 
 def mips_top(
-    index, queries: np.ndarray, n: int, candidates: float = 1.0, nprobe: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` rows with the highest ``max_q <x, q>`` (merging per-query top lists): (rows, scores), best first.
+    index, queries: np.ndarray, n: int, candidates: float = 1.0, nprobe: int = 0, with_query: bool = False
+) -> tuple[np.ndarray, ...]:
+    """The ``n`` rows with the highest ``max_q <x, q>`` (merging per-query top lists): (rows, scores), best first;
+    ``with_query``: also the query of each row's highest product (the sub-task it matches best).
 
     Each query first fetches ``2 n / len(queries)`` neighbours (its fair share of the merged top ``n``), not
     ``n``; a query whose last neighbour still scores at or above the merged ``n``-th score may hide more rows,
@@ -214,7 +217,9 @@ def mips_top(
         scores, rows = search(index, queries[todo], k, nprobe)
         for j, i in enumerate(todo):
             got_s[i], got_r[i] = scores[j], rows[j]
-        top_r, top_s = _merge(np.concatenate(got_r), np.concatenate(got_s), n)
+        top_r, top_s, top_q = _merge(
+            np.concatenate(got_r), np.concatenate(got_s), n, np.repeat(np.arange(q), [len(r) for r in got_r])
+        )
         if k >= k_max:
             break
         threshold = top_s[-1] if len(top_s) >= n else -np.inf
@@ -224,7 +229,7 @@ def mips_top(
             break
         k = min(k_max, 4 * k)
         log.debug("mips: %d of %d queries need more than their first neighbours; asking for %d", len(todo), q, k)
-    return top_r, top_s
+    return (top_r, top_s, top_q) if with_query else (top_r, top_s)
 
 
 def mips_per_query(index, queries: np.ndarray, n: int, nprobe: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

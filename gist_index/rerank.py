@@ -110,11 +110,12 @@ def rerank(
     batch_size: int = 16,
     progress: bool = True,
     subtask_rule: str = "max",
-) -> tuple[np.ndarray, np.ndarray, Target]:
+) -> tuple[np.ndarray, np.ndarray, Target, np.ndarray]:
     """The best ``n`` of ``candidates`` (store rows) by ``method``'s score on unprojected gradients: (rows,
-    scores) best first, and the exact target (its rank chosen from the exact spectrum unless ``rank`` is given).
-    ``mips`` is scored by the objective it approximates, ``gist-full``. With ``subtask_rule`` ``round-robin`` the
-    sub-tasks take turns over the candidates ranked by their own exact scores (rows in the order taken)."""
+    scores) best first, the exact target (its rank chosen from the exact spectrum unless ``rank`` is given), and
+    the sub-task each row was picked for (its best; round-robin: the one whose turn took it). ``mips`` is scored
+    by the objective it approximates, ``gist-full``. With ``subtask_rule`` ``round-robin`` the sub-tasks take
+    turns over the candidates ranked by their own exact scores (rows in the order taken)."""
     method = "gist-full" if method == "mips" else method
     cfg = store.meta["config"]["compute"]
     candidates = np.sort(np.asarray(candidates, np.int64))
@@ -135,10 +136,11 @@ def rerank(
     target = build_target([f.validation_coords() for f in frames], subtasks, weights, rank=rank, energy=energy)
     per = Scorer(target, method).subtask_scores(coords).numpy()
     if subtask_rule == "round-robin":
-        rows, scores = round_robin([best_first(candidates, per[:, j]) for j in range(per.shape[1])], n)
-        return rows, scores, target
-    rows, scores = best_first(candidates, per.max(1))
-    return rows[:n], scores[:n], target
+        taken: list[int] = []
+        rows, scores = round_robin([best_first(candidates, per[:, j]) for j in range(per.shape[1])], n, taken)
+        return rows, scores, target, np.asarray(taken, np.int64)
+    rows, scores, best = best_first(candidates, per.max(1), per.argmax(1))
+    return rows[:n], scores[:n], target, best[:n]
 
 
 def n_candidates(factor: float, n: int, n_available: int) -> int:

@@ -54,6 +54,16 @@ class Selection:
     n_pool: int
     seconds: dict = field(default_factory=dict)
     rerank: dict = field(default_factory=dict)  # with --rerank: candidates, share of the projected top kept
+    subtask_of: np.ndarray | None = None  # per selected row: the sub-task it was picked for (index)
+    subtask_rule: str = "max"  # --subtasks
+
+    def subtask_picks(self) -> dict[str, int]:
+        """How many selected examples each sub-task got: under ``--subtasks max`` those whose best match it is,
+        under ``round-robin`` those taken in its turns. Empty when unknown."""
+        if self.subtask_of is None:
+            return {}
+        counts = np.bincount(self.subtask_of, minlength=len(self.target.subtasks))
+        return {name: int(c) for name, c in zip(self.target.subtasks, counts)}
 
     def report(self) -> dict:
         """A JSON-able summary (ranks, spectrum, timing)."""
@@ -67,6 +77,8 @@ class Selection:
             "singular_values": [np.round(c.singular_values, 6).tolist() for c in self.target.checkpoints],
             "checkpoint_weights": self.target.weights.tolist(),
             "score_range": [float(self.scores.min()), float(self.scores.max())] if len(self.scores) else None,
+            "subtask_rule": self.subtask_rule,
+            "subtask_picks": self.subtask_picks(),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             **({"rerank": self.rerank} if self.rerank else {}),
         }
@@ -187,8 +199,9 @@ def _torch_threads(n: int):
 
 
 def _scored_chunks(store: GradientStore, scorer: Scorer, chunks: Sequence[int], per_subtask: bool = False):
-    """Yield (start, stop, scores on the scorer's device, -inf for rows without a gradient) for each chunk; the
-    scores are [rows] (best sub-task), or [rows, n_subtasks] with ``per_subtask``.
+    """Yield (start, stop, scores on the scorer's device, -inf for rows without a gradient, best sub-task) for
+    each chunk; the scores are [rows] (best sub-task's, whose index is the last item), or [rows, n_subtasks] with
+    ``per_subtask`` (and no last item: None).
 
     A background thread reads ahead. On the CPU, as many threads as torch would use inside one op each score
     whole chunks, every op on one thread: OpenMP's parallelism inside each op synchronises its threads about ten
@@ -198,9 +211,9 @@ def _scored_chunks(store: GradientStore, scorer: Scorer, chunks: Sequence[int], 
     def score(item):
         start, stop, vecs, valid = item
         x = [torch.from_numpy(v) for v in vecs]
-        s = scorer.subtask_scores(x) if per_subtask else scorer.score(x)[0]
+        s, best = (scorer.subtask_scores(x), None) if per_subtask else scorer.score(x)
         ok = torch.from_numpy(valid).to(s.device)
-        return start, stop, torch.where(ok[:, None] if per_subtask else ok, s, torch.full_like(s, -torch.inf))
+        return start, stop, torch.where(ok[:, None] if per_subtask else ok, s, torch.full_like(s, -torch.inf)), best
 
     workers = torch.get_num_threads() if scorer.device.type == "cpu" else 1
     items = _prefetch(store.iter_chunks(chunks, dtype=None), depth=max(2, workers))
@@ -227,26 +240,32 @@ def scan_top(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``n`` rows over ``chunks`` (default all): (rows, scores), best first (ties: lower row first).
     ``all_scores`` receives every row's score."""
-    return _scan(store, scorer, n, chunks, progress, all_scores, per_subtask=False)[0]
+    rows, scores, _ = _scan(store, scorer, n, chunks, progress, all_scores, per_subtask=False)[0]
+    return rows, scores
 
 
-def _scan(store, scorer, n, chunks, progress, all_scores, per_subtask) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The top ``n`` of each score column, best first: the best sub-task's (one column) or, with ``per_subtask``,
-    every sub-task's own; ``all_scores`` receives every row's best-sub-task score.
+def _scan(store, scorer, n, chunks, progress, all_scores, per_subtask) -> list[tuple[np.ndarray, ...]]:
+    """The top ``n`` of each score column, best first, as (rows, scores, sub-task of each row): the best
+    sub-task's (one column) or, with ``per_subtask``, every sub-task's own; ``all_scores`` receives every row's
+    best-sub-task score.
+
+    In the one column, a row travels as ``row * n_subtasks + its best sub-task``: the same order, ties included,
+    so the running top-N keeps each row's sub-task at no cost.
 
     Chunk scores are kept in a list and reduced to the best ``n`` once they hold ``2 n`` rows, so that each row
     is copied a bounded number of times (concatenating every chunk onto the running best grows as
     ``N^2 / chunk_rows`` with a top 5%: 0.13 s at N = 1e6, 13 s at 1e7)."""
     todo = range(store.n_chunks) if chunks is None else chunks
     parts: list[list] = [[] for _ in range(scorer.n_subtasks if per_subtask else 1)]
-    held = 0
-    for start, stop, s in progress_bar(
+    held, n_sub = 0, scorer.n_subtasks
+    for start, stop, s, best in progress_bar(
         _scored_chunks(store, scorer, todo, per_subtask), enabled=progress, total=len(todo), desc="score", unit="chunk"
     ):
         s = s if per_subtask else s[:, None]
         if all_scores is not None:
             all_scores[start:stop] = s.max(dim=1).values.cpu().numpy()
         rows = torch.arange(start, stop, device=s.device)
+        rows = rows if per_subtask else rows * n_sub + best.to(rows.device)
         for j, p in enumerate(parts):
             p.append((s[:, j], rows))
         held += stop - start
@@ -254,12 +273,13 @@ def _scan(store, scorer, n, chunks, progress, all_scores, per_subtask) -> list[t
             parts = [[_reduce(torch.cat([a for a, _ in p]), torch.cat([b for _, b in p]), n)] for p in parts]
             held = max(len(p[0][0]) for p in parts)
     out = []
-    for p in parts:
+    for j, p in enumerate(parts):
         if not p:
-            out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+            out.append((np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)))
             continue
         best_s, best_r = _reduce(torch.cat([a for a, _ in p]), torch.cat([b for _, b in p]), n)
-        out.append(best_first(best_r.cpu().numpy(), best_s.cpu().numpy()))
+        r, sc = best_first(best_r.cpu().numpy(), best_s.cpu().numpy())
+        out.append((r, sc, np.full(len(r), j, np.int64)) if per_subtask else (r // n_sub, sc, r % n_sub))
     return out
 
 
@@ -302,9 +322,10 @@ def select(
     if cfg.method == "mips":
         index, queries = load_index(store), target.mips_queries()
         if per_subtask:
-            tops = mips_per_query(index, queries, n_scan, cfg.nprobe)
+            per_query = mips_per_query(index, queries, n_scan, cfg.nprobe)
+            tops = [(r, s, np.full(len(r), j)) for j, (r, s) in enumerate(per_query)]
         else:
-            tops = [mips_top(index, queries, n_scan, cfg.candidates, cfg.nprobe)]
+            tops = [mips_top(index, queries, n_scan, cfg.candidates, cfg.nprobe, with_query=True)]
     else:
         scorer = Scorer(target, cfg.method, resolve_device(device))
         mine = list(range(rank, store.n_chunks, world))
@@ -315,17 +336,22 @@ def select(
                 tops = [
                     tuple(a[:n_scan] for a in best_first(*(np.concatenate(x) for x in zip(*[p[0][j] for p in parts]))))
                     for j in range(len(tops))
-                ]
+                ]  # (rows, scores, sub-task) of every rank's list, best first
                 if all_scores is not None:
                     all_scores = np.max(np.stack([p[1] for p in parts]), axis=0)
     # with --rerank, the candidates: the best n_scan rows (round-robin: taken in turns)
-    rows, scores = round_robin(tops, n_scan) if per_subtask else tops[0]
+    if per_subtask:
+        taken: list[int] = []
+        rows, scores = round_robin(tops, n_scan, taken)
+        subtask_of = np.asarray(taken, np.int64)
+    else:
+        rows, scores, subtask_of = tops[0]
     t2 = time.time()
     seconds = {"validation_gradients": t1 - t0, "scoring": t2 - t1}
     extra = {}
     if cfg.rerank and rank == 0:
         projected = set(rows[:n].tolist())
-        rows, scores, target = rerank(
+        rows, scores, target, subtask_of = rerank(
             store,
             cm,
             val_enc,
@@ -350,7 +376,9 @@ def select(
         if len(rows) > 1000
         else [str(store.group["ids"][int(r)]) for r in rows]
     )
-    sel = Selection(rows, scores, ids, target, cfg.method, store.n_rows, seconds, extra)
+    sel = Selection(rows, scores, ids, target, cfg.method, store.n_rows, seconds, extra, subtask_of, cfg.subtasks)
+    if rank == 0 and len(target.subtasks) > 1:
+        log.info("examples picked per sub-task (%s): %s", cfg.subtasks, sel.subtask_picks())
     if out and rank == 0:
         write_selection(store, sel, out)
         sel.seconds["write"] = time.time() - t2

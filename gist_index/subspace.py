@@ -140,30 +140,35 @@ def build_target(
     return target
 
 
-def best_first(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order by score descending, then row ascending; drop rows without a score (-inf)."""
+def best_first(rows: np.ndarray, scores: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Order by score descending, then row ascending; drop rows without a score (-inf). Arrays in ``extra``
+    (one entry per row) follow the same order and are returned after (rows, scores)."""
     order = np.lexsort((rows, -scores.astype(np.float64)))
-    rows, scores = rows[order], scores[order]
-    keep = np.isfinite(scores)
-    return rows[keep], scores[keep]
+    order = order[np.isfinite(scores[order])]
+    return (rows[order], scores[order], *(e[order] for e in extra))
 
 
-def round_robin(per_subtask: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+def round_robin(
+    per_subtask: Sequence[tuple[np.ndarray, ...]], n: int, taken_by: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sub-tasks take turns, in order, each taking its best row not yet taken, until ``n`` rows (or none left).
-    Returns (rows, scores) in the order taken; a row's score is that of the sub-task that took it."""
+    ``per_subtask`` holds each sub-task's (rows, scores, ...) best first. Returns (rows, scores) in the order
+    taken; a row's score is that of the sub-task that took it, whose index is appended to ``taken_by``."""
     pos = [0] * len(per_subtask)
     taken: set[int] = set()
     rows: list[int] = []
     scores: list[float] = []
     while len(rows) < n:
         moved = False
-        for j, (r, s) in enumerate(per_subtask):
+        for j, (r, s, *_) in enumerate(per_subtask):
             while pos[j] < len(r) and int(r[pos[j]]) in taken:
                 pos[j] += 1
             if pos[j] < len(r) and len(rows) < n:
                 taken.add(int(r[pos[j]]))
                 rows.append(int(r[pos[j]]))
                 scores.append(float(s[pos[j]]))
+                if taken_by is not None:
+                    taken_by.append(j)
                 moved = True
         if not moved:
             break

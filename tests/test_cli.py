@@ -87,6 +87,9 @@ def test_warmup_build_select_info_verify(tmp_path, tiny_model_dir, pool_file, ta
     assert rows[0]["score"] >= rows[-1]["score"]
     meta = json.load(open(str(out) + ".meta.json"))
     assert meta["n_selected"] == 4 and len(meta["rank"]) == 2
+    picks = meta["subtask_picks"]
+    assert sum(picks.values()) == 4 and len(picks) == 3  # the target has three sub-tasks
+    assert "picked per sub-task (best match): " + ", ".join(f"{k} {v}" for k, v in picks.items()) in p.stdout
     p = run("info", str(store), "--json")
     info = json.loads(p.stdout)
     assert info["n_examples"] == 40 and info["projection"]["dim"] == 128 and info["bytes_per_example"] > 0

@@ -98,6 +98,8 @@ def test_two_rank_build_and_select_equal_one_rank(tmp_path, tiny_model_dir, tiny
         r["id"] for r in r2
     ]
     np.testing.assert_allclose([r["score"] for r in r1], [r["score"] for r in r2], rtol=1e-6)
+    picks = [json.load(open(tmp_path / f"{n}.jsonl.meta.json"))["subtask_picks"] for n in ("one", "two")]
+    assert picks[0] == picks[1] and sum(picks[0].values()) == len(r1)  # each row's sub-task survives the merge
 
     rr = [*sel, "--subtasks", "round-robin"]  # per-sub-task lists gathered from both ranks, then merged
     gist("select", "--index", one, *rr, "--out", str(tmp_path / "one-rr.jsonl"))

@@ -326,3 +326,36 @@ def test_round_robin_with_rerank_takes_the_candidates_in_turns(exact, projected,
     expected = [int(candidates[order][i]) for i in round_robin_reference(sub[order], 6)]
     assert list(sel.rows) == expected
     assert sel.report()["rerank"]["candidates"] == 15
+
+
+@pytest.mark.parametrize("method", ["gist", "gist-full", "mips"])
+def test_subtask_picks_are_each_rows_best_subtask(exact, target_file, method):
+    """Under the max rule each selected row is counted for the sub-task of its highest score (numpy reference);
+    the scan carries it through the running top-N, the index through its per-query lists."""
+    stores, ref, d = exact
+    out = str(d / f"picks-{method}.jsonl")
+    sel = select(stores["sgd"], [target_file], out, method=method, top=12, progress=False)
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    k = sel.target.ranks[0]
+    per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, full=method != "gist", per_subtask=True)
+    best = per[[ok.index(int(r)) for r in sel.rows]].argmax(1)
+    assert sel.subtask_of.tolist() == best.tolist()
+    counts = np.bincount(best, minlength=3)
+    assert len(set(counts.tolist())) > 1  # uneven here (else the counts could come from anywhere)
+    meta = json.load(open(out + ".meta.json"))
+    assert meta["subtask_rule"] == "max"
+    assert meta["subtask_picks"] == dict(zip(sel.target.subtasks, counts.tolist()))
+
+
+def test_subtask_picks_under_round_robin_and_rerank(exact, projected, target_file):
+    """Round-robin counts each row for the sub-task whose turn took it; --rerank counts on the exact scores."""
+    stores, ref, d = exact
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    rr = select(stores["sgd"], [target_file], None, method="gist", subtasks="round-robin", top=10, progress=False)
+    assert rr.subtask_of.tolist() == [j % 3 for j in range(10)]
+    assert rr.report()["subtask_picks"] == dict(zip(rr.target.subtasks, [4, 3, 3]))
+    sel = select(projected[0]["sgd"], [target_file], None, method="gist", top=10, rerank=1000, progress=False)
+    per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0], per_subtask=True)
+    assert sel.subtask_of.tolist() == per[[ok.index(int(r)) for r in sel.rows]].argmax(1).tolist()
