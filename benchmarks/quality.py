@@ -523,6 +523,74 @@ def subspace_cosines(x: torch.Tensor, cs) -> tuple[torch.Tensor, torch.Tensor]:
     return dots / coords.norm(dim=1, keepdim=True).clamp_min(1e-30), dots / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
+def streamed_scores(
+    base: str,
+    ckpts: Sequence[str],
+    pool: Sequence[Example],
+    targets: Sequence[TargetData],
+    weights: Sequence[float],
+    spec: RunSpec,
+    variants: dict,
+    progress: bool,
+    block: int = 256,
+) -> tuple[dict, dict, dict]:
+    """Raw gradients of the pool, streamed (never stored), scored per target exactly (the paper's formula on the
+    raw gradients and their exact subspace) and through each projection in ``variants`` (key -> (d, stored
+    dtype): CountSketch with the store's seed; the pool rows unit-normalised and rounded as a store of that dtype
+    keeps them; the validation gradients projected at full precision, as select computes them). Returns (exact
+    targets, projected targets per key, scores: per target, ``[rows, n_subtasks]`` per (gist variant, key), key
+    ``"exact"`` for exact)."""
+    from gist_index.extract import CheckpointedModel
+    from gist_index.project import IdentityProjector, make_projector
+    from gist_index.store import to_stored, unit_rows
+    from gist_index.subspace import build_target
+
+    cm = CheckpointedModel(base, ckpts, "cpu")
+    tok = cm.tokenizer
+    ident = IdentityProjector(cm.source_dim)
+    seed = BuildConfig().seed
+    projs = {d: make_projector("countsketch", cm.source_dim, d, seed) for d in {d for d, _ in variants.values()}}
+    n_ck = len(ckpts)
+    exact, proj = {}, {}
+    for t in targets:
+        enc = [encode(e, tok, spec.max_length) for e in t.val]
+        keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]  # as gist_index.select does
+        enc, subtasks = [enc[i] for i in keep], [t.subtasks[i] for i in keep]
+        V = [torch.from_numpy(cm.gradients(enc, c, ident, "sgd", 16)["vectors"]).double() for c in range(n_ck)]
+        exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights)
+        pv = {d: [projs[d].project(v.float()).double().numpy() for v in V] for d in projs}
+        proj[t.name] = {key: build_target(pv[d], subtasks, weights) for key, (d, _) in variants.items()}
+    enc = [encode(e, tok, spec.max_length) for e in pool]
+    N = len(enc)
+    acc = {
+        t.name: {(v, k): np.zeros((N, len(exact[t.name].subtasks))) for v in VARIANTS for k in ["exact", *variants]}
+        for t in targets
+    }
+    bar = progress_bar(total=N * n_ck, enabled=progress, desc="raw gradients", unit="ex")
+    for c in range(n_ck):
+        for s in range(0, N, block):
+            G = torch.from_numpy(cm.gradients(enc[s : s + block], c, ident, "sgd", 16)["vectors"])
+            Gp = {d: projs[d].project(G) for d in projs}
+            Gk = {}
+            for key, (d, dtype) in variants.items():
+                x = Gp[d]
+                if dtype not in ("float32", "float64"):  # as stored: unit rows in that type, read back
+                    unit = x.double().numpy() / np.maximum(np.linalg.norm(x.double().numpy(), axis=1), 1e-30)[:, None]
+                    x = torch.from_numpy(unit_rows(to_stored(unit, dtype), np.float64))
+                Gk[key] = x
+            for t in targets:
+                a, tgt = acc[t.name], exact[t.name]
+                for v, cos in zip(VARIANTS, subspace_cosines(G, tgt.checkpoints[c])):
+                    a[v, "exact"][s : s + len(G)] += tgt.weights[c] * cos.numpy()
+                for key in variants:
+                    p = proj[t.name][key]
+                    for v, cos in zip(VARIANTS, subspace_cosines(Gk[key], p.checkpoints[c])):
+                        a[v, key][s : s + len(G)] += p.weights[c] * cos.numpy()
+            bar.update(len(G))
+    bar.close()
+    return exact, proj, acc
+
+
 def fidelity(
     base: str,
     ckpts: Sequence[str],
@@ -535,48 +603,9 @@ def fidelity(
 ) -> dict:
     """Exact GIST (raw gradients, exact subspace) and projected GIST (CountSketch at each d, the store's seed) on
     the same checkpoints: per target, the top-n rows of each and the validation spectra."""
-    from gist_index.extract import CheckpointedModel
-    from gist_index.project import IdentityProjector, make_projector
-    from gist_index.subspace import build_target
-
-    cm = CheckpointedModel(base, ckpts, "cpu")
-    tok = cm.tokenizer
-    ident = IdentityProjector(cm.source_dim)
-    seed = BuildConfig().seed
-    projs = {d: make_projector("countsketch", cm.source_dim, d, seed) for d in spec.dims}
-    n_ck = len(ckpts)
-    exact, proj = {}, {}
-    for t in targets:
-        enc = [encode(e, tok, spec.max_length) for e in t.val]
-        keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]  # as gist_index.select does
-        enc, subtasks = [enc[i] for i in keep], [t.subtasks[i] for i in keep]
-        V = [torch.from_numpy(cm.gradients(enc, c, ident, "sgd", 16)["vectors"]).double() for c in range(n_ck)]
-        exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights)
-        proj[t.name] = {
-            d: build_target([projs[d].project(v.float()).double().numpy() for v in V], subtasks, weights)
-            for d in spec.dims
-        }
-    enc = [encode(e, tok, spec.max_length) for e in pool]
-    N = len(enc)
-    keys = ["exact", *spec.dims]
-    acc = {
-        t.name: {(v, k): np.zeros((N, len(exact[t.name].subtasks))) for v in VARIANTS for k in keys} for t in targets
-    }
-    bar = progress_bar(total=N * n_ck, enabled=progress, desc="raw gradients", unit="ex")
-    for c in range(n_ck):
-        for s in range(0, N, block):
-            G = torch.from_numpy(cm.gradients(enc[s : s + block], c, ident, "sgd", 16)["vectors"])
-            Gd = {d: projs[d].project(G) for d in spec.dims}
-            for t in targets:
-                a, tgt = acc[t.name], exact[t.name]
-                for v, cos in zip(VARIANTS, subspace_cosines(G, tgt.checkpoints[c])):
-                    a[v, "exact"][s : s + len(G)] += tgt.weights[c] * cos.numpy()
-                for d in spec.dims:
-                    p = proj[t.name][d]
-                    for v, cos in zip(VARIANTS, subspace_cosines(Gd[d], p.checkpoints[c])):
-                        a[v, d][s : s + len(G)] += p.weights[c] * cos.numpy()
-            bar.update(len(G))
-    bar.close()
+    variants = {d: (d, "float32") for d in spec.dims}
+    exact, proj, acc = streamed_scores(base, ckpts, pool, targets, weights, spec, variants, progress, block)
+    N = len(pool)
     n = max(1, int(round(spec.fraction * N)))
     out = {}
     for t in targets:

@@ -27,7 +27,7 @@ from .extract import CheckpointedModel
 from .index import build_index
 from .progress import bar as progress_bar
 from .project import make_projector, projector_from_spec
-from .store import STATUS_OK, STATUS_TRUNCATED, GradientStore
+from .store import STATUS_OK, STATUS_TRUNCATED, GradientStore, to_stored
 from .train import checkpoint_weights as default_weights
 
 log = logging.getLogger(__name__)
@@ -196,12 +196,12 @@ def compute_chunk(
         "n_labels": n_labels,
         "status": np.where(n_labels > 0, STATUS_OK, STATUS_TRUNCATED).astype(np.int8),
     }
-    vdt = np.float16 if cfg.vector_dtype == "float16" else np.float32
+    vdt = np.dtype(cfg.vector_dtype)
     for c in range(len(cm.adapters)):
         res = cm.gradients([enc[i] for i in ok], c, projector, cfg.gradient, cfg.batch_size, cfg.max_tokens, on_batch)
         norms = np.linalg.norm(res["vectors"], axis=1)
         vec = np.zeros((len(enc), projector.dim), vdt)
-        vec[ok] = (res["vectors"] / np.maximum(norms, 1e-30)[:, None]).astype(vdt)
+        vec[ok] = to_stored(res["vectors"] / np.maximum(norms, 1e-30)[:, None], cfg.vector_dtype)
         cols[f"ckpt_{c}/vectors"] = vec
         for key, val in (("norms", norms), ("grad_norms", res["grad_norm"]), ("loss", res["loss"])):
             full = np.zeros(len(enc), np.float32)

@@ -71,7 +71,11 @@ class BuildConfig:
     seed: int = opt(0, "projection seed: the same seed gives the same projection on every run and device")
     gradient: str = opt("sgd", "sgd: plain gradients (GIST); adam: Adam-preconditioned gradients (LESS)")
     chunk_rows: int = opt(1024, "rows per chunk: the unit of work, of resume and of the manifest")
-    dtype: str = opt("auto", "stored vector type: float16, float32, or auto (float32 with --dim 0, else float16)")
+    dtype: str = opt(
+        "auto",
+        "stored vector type: float16, float32, int8 (half float16's bytes; each row scaled to a largest coordinate "
+        "of 127), or auto (float32 with --dim 0, else float16)",
+    )
     model_dtype: str = opt("float32", "dtype the model runs in: float32 or bfloat16")
     index_factory: str = opt("auto", "FAISS index factory string (e.g. Flat, SQ8, IVF1024,SQ8, HNSW32), auto or none")
 
@@ -83,7 +87,7 @@ class BuildConfig:
             raise ConfigError(f"max-tokens must be >= 0, got {self.max_tokens}")
         _choice("gradient", self.gradient, ("sgd", "adam"))
         _choice("projection", self.projection, ("countsketch", "gaussian", "rademacher"))
-        _choice("dtype", self.dtype, ("auto", "float16", "float32"))
+        _choice("dtype", self.dtype, ("auto", "float16", "float32", "int8"))
         _choice("model-dtype", self.model_dtype, ("float32", "bfloat16"))
         if not re.fullmatch(r"[A-Za-z0-9_,.]+", self.index_factory):
             raise ConfigError(f"index-factory {self.index_factory!r} is not a FAISS factory string")

@@ -29,7 +29,7 @@ import torch
 
 from .errors import ConfigError, CorruptStoreError, StoreError
 from .progress import bar as progress_bar
-from .store import STATUS_OK, GradientStore, fsync_dir
+from .store import STATUS_OK, GradientStore, fsync_dir, unit_rows
 
 log = logging.getLogger(__name__)
 INDEX_FILE = os.path.join("faiss", "index.faiss")
@@ -71,9 +71,12 @@ def _has_ivf(factory: str) -> bool:
 
 
 def _stacked(vecs: list[np.ndarray], rows: np.ndarray | None = None) -> np.ndarray:
-    """Rows (default all) of the per-checkpoint vectors side by side, as float32 (converted by torch: numpy
-    converts float16 several times slower)."""
-    x = np.concatenate([v if rows is None else v[rows] for v in vecs], axis=1)
+    """Rows (default all) of the per-checkpoint unit vectors side by side, as float32 (converted by torch: numpy
+    converts float16 several times slower; int8 rows are rescaled to unit norm per checkpoint)."""
+    vecs = [v if rows is None else v[rows] for v in vecs]
+    if vecs and vecs[0].dtype == np.int8:
+        return np.concatenate([unit_rows(v) for v in vecs], axis=1)
+    x = np.concatenate(vecs, axis=1)
     return torch.from_numpy(x).to(torch.float32).numpy() if x.dtype == np.float16 else x.astype(np.float32)
 
 

@@ -6,7 +6,8 @@ Layout of ``STORE/``::
     ids, source, line         example id (string), index of its pool file, 1-based line in that file
     n_chars, n_tokens, n_labels, status
                               status 0: has a gradient; 1: response truncated away (no gradient, never selected)
-    ckpt_<c>/vectors          [N, dim] unit-norm projected gradients at checkpoint c (float16 or float32, crc32c)
+    ckpt_<c>/vectors          [N, dim] unit-norm projected gradients at checkpoint c (float16 or float32, crc32c;
+                              int8: each row scaled so that its largest coordinate is +-127, see to_stored)
     ckpt_<c>/norms            [N] norm of the projected gradient before normalisation
     ckpt_<c>/grad_norms, ckpt_<c>/loss
     manifest/rows.json        the pre-pass (ids, sources, lengths) is complete
@@ -46,6 +47,27 @@ CHUNK_ARRAYS = {"n_tokens": "int32", "n_labels": "int32", "status": "int8"}
 CKPT_ARRAYS = {"norms": "float32", "grad_norms": "float32", "loss": "float32"}
 STATUS_OK, STATUS_TRUNCATED = 0, 1
 READAHEAD_BYTES = 64 << 20  # iter_chunks asks the kernel for this many bytes of vector files ahead of the reader
+INT8_MAX = 127
+
+
+def to_stored(unit: np.ndarray, dtype: str) -> np.ndarray:
+    """Unit rows as the store keeps them: cast to ``dtype``; for ``int8``, each row scaled so that its largest
+    coordinate is +-127 and rounded (its direction is what every score uses). The rounding error is about 1% of a
+    coordinate's typical size when the coordinates are near Gaussian (the largest of 8192 is about 4.3 times the
+    typical), far below the projection's own noise. Zero rows stay zero."""
+    if dtype != "int8":
+        return unit.astype(dtype)
+    peak = np.abs(unit).max(axis=1, keepdims=True)
+    return np.rint(unit * (INT8_MAX / np.maximum(peak, 1e-30))).astype(np.int8)
+
+
+def unit_rows(stored: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Stored rows back as unit rows of ``dtype`` (int8 rows rescaled to norm 1; zero rows stay zero)."""
+    if stored.dtype != np.int8:
+        return np.asarray(stored, dtype=dtype)
+    x = stored.astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+    return x.astype(dtype, copy=False)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -336,7 +358,8 @@ class GradientStore:
         return np.asarray(self.group[name][start : self.n_rows if stop is None else stop])
 
     def vectors(self, ckpt: int, start: int, stop: int, dtype=np.float32) -> np.ndarray:
-        """Unit vectors of rows [start, stop) at checkpoint ``ckpt`` as ``dtype`` (None: as stored).
+        """Unit vectors of rows [start, stop) at checkpoint ``ckpt`` as ``dtype`` (None: as stored, which for an
+        int8 store is each row scaled to a largest coordinate of +-127).
 
         A whole chunk is read straight from its file (see :meth:`_read_chunk`). numpy converts float16 at about
         1 GB/s, slower than a read: the exact scan asks for the stored type and lets torch convert it."""
@@ -346,7 +369,7 @@ class GradientStore:
             a = self._read_chunk(name, start // self.chunk_rows, stop - start)
         if a is None:
             a = self.group[name][start:stop]
-        return np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+        return np.asarray(a) if dtype is None else unit_rows(np.asarray(a), dtype)
 
     def _plain_dtype(self, name: str) -> np.dtype | None:
         """The dtype of a [rows, dim] array whose chunk files hold the raw little-endian values and a CRC32C
@@ -360,7 +383,7 @@ class GradientStore:
                 if (
                     len(codecs) == 2
                     and isinstance(codecs[0], BytesCodec)
-                    and getattr(codecs[0].endian, "value", codecs[0].endian) == "little"
+                    and getattr(codecs[0].endian, "value", codecs[0].endian) in ("little", None)  # None: 1 byte
                     and isinstance(codecs[1], Crc32cCodec)
                     and getattr(meta.chunk_key_encoding, "separator", None) == "/"
                     and meta.chunk_key_encoding.name == "default"

@@ -1,5 +1,6 @@
 """The query paths' fast routes give the same answers as the plain ones: direct chunk reads against zarr, the
-CPU scan on several threads against one, adaptive MIPS merging against brute force, and the auto index."""
+CPU scan on several threads against one, adaptive MIPS merging against brute force, and the auto index; for each
+stored vector type (float16 and int8)."""
 
 import os
 
@@ -10,16 +11,16 @@ import torch
 from gist_index import index as gindex
 from gist_index.errors import CorruptStoreError
 from gist_index.select import scan_top
-from gist_index.store import STATUS_OK, STATUS_TRUNCATED, GradientStore
+from gist_index.store import STATUS_OK, STATUS_TRUNCATED, GradientStore, to_stored
 from gist_index.subspace import Scorer, build_target
 
 
-def write_store(path, n=300, dim=32, chunk_rows=64, ckpts=2, seed=0, clusters=8) -> GradientStore:
+def write_store(path, n=300, dim=32, chunk_rows=64, ckpts=2, seed=0, clusters=8, dtype="float16") -> GradientStore:
     """A small clustered store written through the GradientStore API (some rows without a gradient)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim))
     labels = rng.integers(0, clusters, n)
-    store = GradientStore.create(str(path), {"test": seed}, chunk_rows, dim, ckpts, "float16")
+    store = GradientStore.create(str(path), {"test": seed}, chunk_rows, dim, ckpts, dtype)
     store.set_meta(weights=[1.0] * ckpts, data=[])
     store.resize(n)
     store.write_rows(
@@ -40,7 +41,7 @@ def write_store(path, n=300, dim=32, chunk_rows=64, ckpts=2, seed=0, clusters=8)
             x = centres[labels[a:b]] + rng.standard_normal((b - a, dim))
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             x[status[a:b] != STATUS_OK] = 0
-            cols[f"ckpt_{c}/vectors"] = x.astype(np.float16)
+            cols[f"ckpt_{c}/vectors"] = to_stored(x, dtype)
             for k in ("norms", "grad_norms", "loss"):
                 cols[f"ckpt_{c}/{k}"] = np.ones(b - a, np.float32)
         store.write_chunk(i, cols)
@@ -48,9 +49,17 @@ def write_store(path, n=300, dim=32, chunk_rows=64, ckpts=2, seed=0, clusters=8)
     return GradientStore.open(str(path))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return write_store(tmp_path_factory.mktemp("scan") / "s.gist")
+@pytest.fixture(scope="module", params=["float16", "int8"])
+def store(tmp_path_factory, request):
+    return write_store(tmp_path_factory.mktemp("scan") / "s.gist", dtype=request.param)
+
+
+def as_unit(raw):
+    """Stored rows as float unit rows, computed here (int8 rows rescaled to norm 1)."""
+    x = np.asarray(raw, np.float64)
+    if raw.dtype == np.int8:
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    return x.astype(np.float32)
 
 
 def target_for(store, n_subtasks=5, per=3, seed=1):
@@ -65,10 +74,12 @@ def test_direct_chunk_reads_equal_zarr_reads(store):
         for i in range(store.n_chunks):
             a, b = store.chunk_range(i)
             raw = store._read_chunk(f"ckpt_{c}/vectors", i, b - a)
-            assert raw is not None and raw.dtype == np.float16 and raw.shape == (b - a, store.dim)
+            assert raw is not None and raw.dtype == np.dtype(store.meta["dtype"]) and raw.shape == (b - a, store.dim)
             np.testing.assert_array_equal(raw, arr[a:b])
-            np.testing.assert_array_equal(store.vectors(c, a, b), np.asarray(arr[a:b], np.float32))
-    np.testing.assert_array_equal(store.vectors(0, 10, 100), np.asarray(store.group["ckpt_0/vectors"][10:100], "f4"))
+            np.testing.assert_allclose(store.vectors(c, a, b), as_unit(arr[a:b]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        store.vectors(0, 10, 100), as_unit(store.group["ckpt_0/vectors"][10:100]), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_direct_chunk_read_detects_a_flipped_byte(tmp_path):
@@ -143,3 +154,27 @@ def test_default_factory_by_size():
     assert gindex.default_factory(1_000_000, 16384) == "IVF1024,SQ8"
     assert gindex.default_factory(2_000_000, 16384) == "IVF1024,SQ4"
     assert gindex.default_factory(10_000_000, 16384) == "IVF4096,PQ1024"
+
+
+def test_int8_rows_keep_the_direction_of_the_unit_vectors():
+    """int8 storage: each row scaled to a largest coordinate of 127 and rounded. An inner product with a unit
+    query moves by about the rounding step / sqrt(12): for near-Gaussian rows a few percent of the projection's
+    noise scale 1/sqrt(d); a row with a few heavy coordinates has a coarser step, and its error grows with it."""
+    rng = np.random.default_rng(5)
+    d = 4096
+    u = rng.standard_normal((200, d)) * rng.uniform(0.1, 10, (200, 1))
+    u[100:, :8] *= 20  # the second half: a few heavy coordinates
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    u[7] = 0  # a row without a gradient stays zero
+    q = to_stored(u, "int8")
+    assert q.dtype == np.int8 and q.nbytes * 2 == to_stored(u, "float16").nbytes
+    assert (np.abs(q).max(axis=1)[np.arange(200) != 7] == 127).all() and not q[7].any()
+    back = as_unit(q)
+    assert np.abs(np.linalg.norm(back[np.arange(200) != 7], axis=1) - 1).max() < 1e-5
+    queries = rng.standard_normal((16, d))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    err = np.abs(back @ queries.T - u @ queries.T).max(axis=1)
+    step = np.abs(u).max(axis=1) / 127
+    assert (err <= 5 * step / np.sqrt(12)).all()
+    assert err[:100].max() < 0.05 / np.sqrt(d)  # near-Gaussian rows: 5% of the projection noise scale at most
+    assert err[100:].mean() > 3 * err[:100].mean()  # heavy rows: coarser
