@@ -714,15 +714,56 @@ def loss_table(targets: Sequence[tuple[str, dict]], methods: Sequence[str]) -> l
     return lines
 
 
-def cached_run(cache: str, spec: RunSpec, base_spec: BaseSpec = BaseSpec()) -> tuple[str, str, object, list[Example]]:
-    """What a finished run with ``spec`` on the base ``base_spec`` left in ``cache``: (base model dir, run dir
-    holding ``pool-sgd.gist``, tokenizer, pool subsample); exits with a message when that run has not been made."""
-    key = base_spec.key(DEFAULT_POOL)
-    base, work = os.path.join(cache, f"base-{key}"), os.path.join(cache, f"run-{spec.key()}-{key}")
+@dataclass
+class CachedRun:
+    """What a finished run left in the cache: its settings, base model, run folder, tokenizer, pool subsample,
+    targets, warmup checkpoints and their weights (``store`` is its sgd store)."""
+
+    spec: RunSpec
+    base: str
+    work: str
+    tok: object
+    pool: list[Example]
+    targets: list[TargetData]
+    ckpts: list[str]
+    weights: list[float]
+
+    @property
+    def store(self) -> str:
+        """The run's sgd store (GIST)."""
+        return os.path.join(self.work, "pool-sgd.gist")
+
+
+def add_cached_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options naming a finished quality.py run (as given to it), for scripts that reuse its cache."""
+    ap.add_argument("--no-default-targets", action="store_true", help="as given to quality.py")
+    ap.add_argument("--holdout-tasks", nargs="*", default=[], help="as given to quality.py")
+    ap.add_argument("--unseen", action="store_true", help="as given to quality.py")
+    ap.add_argument("--warmup-epochs", type=int, default=RunSpec().warmup_epochs, help="as given to quality.py")
+    ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"), help="quality.py's cache folder")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
+
+
+def cached_run(args: argparse.Namespace) -> CachedRun:
+    """The finished run named by ``args`` (see :func:`add_cached_run_args`); sets the torch threads; exits with a
+    message when that run has not been made."""
+    torch.set_num_threads(args.threads)
+    spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
+    held = sorted({t for g in args.holdout_tasks for t in g.split("+")})
+    key = BaseSpec(exclude=tuple(held) if args.unseen else ()).key(DEFAULT_POOL)
+    base, work = os.path.join(args.cache, f"base-{key}"), os.path.join(args.cache, f"run-{spec.key()}-{key}")
     if not os.path.isdir(os.path.join(work, "pool-sgd.gist")):
         raise SystemExit(f"{work}/pool-sgd.gist: not found; run benchmarks/quality.py with the same options first")
     tok = load_tokenizer(base)
-    return base, work, tok, list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
+    pool = list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
+    dirs = ([] if args.no_default_targets else DEFAULT_TARGETS) + [
+        os.path.join(work, "holdout", g) for g in args.holdout_tasks
+    ]
+    with open(os.path.join(work, "warmup", "warmup.json")) as fh:
+        ckpts = json.load(fh)["checkpoints"]
+    weights = gi.info(os.path.join(work, "pool-sgd.gist"))["checkpoint_weights"]
+    targets = [load_target(d, tok, spec) for d in dirs]
+    return CachedRun(spec, base, work, tok, pool, targets, ckpts, weights)
 
 
 def markdown(results: dict) -> str:

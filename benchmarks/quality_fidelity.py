@@ -25,21 +25,10 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gist_index as gi  # noqa: E402
-from benchmarks.quality import (  # noqa: E402
-    DEFAULT_TARGETS,
-    HERE,
-    BaseSpec,
-    RunSpec,
-    cached_run,
-    load_target,
-    streamed_scores,
-    top_rows,
-)
+from benchmarks.quality import HERE, add_cached_run_args, cached_run, streamed_scores, top_rows  # noqa: E402
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
@@ -47,33 +36,19 @@ BYTES = {"float32": 4, "float16": 2, "int8": 1}
 def main(argv=None) -> None:
     """Stream the raw gradients once, score every (d, type), print the overlap table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-default-targets", action="store_true", help="as given to quality.py")
-    ap.add_argument("--holdout-tasks", nargs="*", default=[], help="as given to quality.py")
-    ap.add_argument("--unseen", action="store_true", help="as given to quality.py")
-    ap.add_argument("--warmup-epochs", type=int, default=RunSpec().warmup_epochs, help="as given to quality.py")
+    add_cached_run_args(ap)
     ap.add_argument("--dims", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="projected dimensions")
     ap.add_argument("--dtypes", nargs="+", default=["float16", "int8"], choices=sorted(BYTES), help="stored types")
-    ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_fidelity[-holdout].json)")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
-    held = sorted({t for g in args.holdout_tasks for t in g.split("+")})
-    base, work, tok, pool = cached_run(args.cache, spec, BaseSpec(exclude=tuple(held) if args.unseen else ()))
-    with open(os.path.join(work, "warmup", "warmup.json")) as fh:
-        ckpts = json.load(fh)["checkpoints"]
-    weights = gi.info(os.path.join(work, "pool-sgd.gist"))["checkpoint_weights"]
-    dirs = ([] if args.no_default_targets else DEFAULT_TARGETS) + [
-        os.path.join(work, "holdout", g) for g in args.holdout_tasks
-    ]
-    targets = [load_target(d, tok, spec) for d in dirs]
+    run = cached_run(args)
+    spec, pool, targets = run.spec, run.pool, run.targets
     variants = {f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes}
     t0 = time.time()
-    _, _, acc = streamed_scores(base, ckpts, pool, targets, weights, spec, variants, args.progress)
+    _, _, acc = streamed_scores(run.base, run.ckpts, pool, targets, run.weights, spec, variants, args.progress)
     n = max(1, int(round(spec.fraction * len(pool))))
-    res: dict = {"n_pool": len(pool), "n_select": n, "n_checkpoints": len(ckpts), "targets": {}, "mean": {}}
+    res: dict = {"n_pool": len(pool), "n_select": n, "n_checkpoints": len(run.ckpts), "targets": {}, "mean": {}}
     for t in targets:
         a = acc[t.name]
         exact = {v: set(top_rows(a[v, "exact"].max(1), n).tolist()) for v in ("gist", "gist-full")}
@@ -84,9 +59,9 @@ def main(argv=None) -> None:
     for key, (d, dt) in variants.items():
         per = [res["targets"][t.name][key] for t in targets]
         mean = {v: float(np.mean([p[v] for p in per])) for v in ("gist", "gist-full")}
-        res["mean"][key] = {"d": d, "dtype": dt, "bytes_per_example": d * BYTES[dt] * len(ckpts), **mean}
+        res["mean"][key] = {"d": d, "dtype": dt, "bytes_per_example": d * BYTES[dt] * len(run.ckpts), **mean}
         print(
-            f"{d:>6} {dt:<8} {d * BYTES[dt] * len(ckpts):>13,} {mean['gist']:>6.3f} {mean['gist-full']:>9.3f}   "
+            f"{d:>6} {dt:<8} {d * BYTES[dt] * len(run.ckpts):>13,} {mean['gist']:>6.3f} {mean['gist-full']:>9.3f}   "
             + " ".join(f"{p['gist']:.3f}" for p in per)
         )
     res["seconds"] = round(time.time() - t0, 1)

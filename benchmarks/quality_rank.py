@@ -22,19 +22,16 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
-    DEFAULT_TARGETS,
     HERE,
-    RunSpec,
+    add_cached_run_args,
     cached_run,
     evaluate,
     finetune,
-    load_target,
     summarise,
     task_of,
 )
@@ -44,17 +41,13 @@ from gist_index.config import SelectConfig  # noqa: E402
 def main(argv=None) -> None:
     """Select and fine-tune at each energy threshold; print a table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cached_run_args(ap)
     ap.add_argument("--energies", type=float, nargs="+", default=[0.8, 0.95, 0.99])
-    ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "quality_rank.json"))
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    spec = RunSpec()
-    base, work, tok, pool = cached_run(args.cache, spec)
-    store = os.path.join(work, "pool-sgd.gist")
+    run = cached_run(args)
+    spec, base, tok, pool, store, targets = run.spec, run.base, run.tok, run.pool, run.store, run.targets
     row_of = {e.id: i for i, e in enumerate(pool)}
-    targets = [load_target(d, tok, spec) for d in DEFAULT_TARGETS]
     n = max(1, int(round(spec.fraction * len(pool))))
     t0 = time.time()
     out: dict = {"n_select": n, "seeds": list(spec.seeds), "targets": {}}

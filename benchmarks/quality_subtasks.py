@@ -36,14 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
-    DEFAULT_TARGETS,
     HERE,
-    BaseSpec,
-    RunSpec,
+    add_cached_run_args,
     cached_run,
     evaluate,
     finetune,
-    load_target,
     subspace_cosines,
     summarise,
     task_of,
@@ -74,33 +71,22 @@ def ranked(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def main(argv=None) -> None:
     """Select with both rules on each multi-sub-task target, fine-tune, print a table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-default-targets", action="store_true", help="only the held-out targets")
-    ap.add_argument("--holdout-tasks", nargs="*", default=[], help="as given to quality.py")
-    ap.add_argument("--unseen", action="store_true", help="as given to quality.py")
+    add_cached_run_args(ap)
     ap.add_argument(
         "--no-finetune",
         dest="finetune",
         action="store_false",
         help="only the selections and their sub-task counts (quality.py fine-tunes gist and gist-rr itself)",
     )
-    ap.add_argument("--warmup-epochs", type=int, default=RunSpec().warmup_epochs, help="as given to quality.py")
-    ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_subtasks[-holdout].json)")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
-    held = sorted({t for g in args.holdout_tasks for t in g.split("+")})
-    base, work, tok, pool = cached_run(args.cache, spec, BaseSpec(exclude=tuple(held) if args.unseen else ()))
-    store = os.path.join(work, "pool-sgd.gist")
+    run = cached_run(args)
+    spec, base, tok, pool, store = run.spec, run.base, run.tok, run.pool, run.store
     out_file = args.out or os.path.join(
         HERE, "results", "quality_subtasks" + ("-holdout" if args.holdout_tasks else "") + ".json"
     )
     row_of = {e.id: i for i, e in enumerate(pool)}
-    dirs = ([] if args.no_default_targets else DEFAULT_TARGETS) + [
-        os.path.join(work, "holdout", g) for g in args.holdout_tasks
-    ]
-    targets = [t for t in (load_target(d, tok, spec) for d in dirs) if len(set(t.subtasks)) > 1]
+    targets = [t for t in run.targets if len(set(t.subtasks)) > 1]
     n = max(1, int(round(spec.fraction * len(pool))))
     t0 = time.time()
     res: dict = {"n_select": n, "seeds": list(spec.seeds), "warmup_epochs": spec.warmup_epochs, "targets": {}}
