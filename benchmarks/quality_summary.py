@@ -23,40 +23,44 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.quality import METHODS, goals, loss_table, task_focus  # noqa: E402
 
 
-def load(paths: list[str]) -> list[tuple[str, dict, dict]]:
-    """(target name, target results, its run's results) for every target of every run, in order."""
+def load(paths: list[str]) -> list[tuple[str, str, dict, dict]]:
+    """(label, target name, target results, its run's results) for every target of every run, in order; the
+    label marks a target of a run whose base model never saw its tasks (``--unseen``)."""
     out = []
     for p in paths:
         with open(p) as fh:
             run = json.load(fh)
         run["goals"] = goals(run)
-        out += [(name, t, run) for name, t in run["targets"].items()]
+        unseen = " (unseen)" if run.get("base", {}).get("spec", {}).get("exclude") else ""
+        out += [(name + unseen, name, t, run) for name, t in run["targets"].items()]
     return out
 
 
-def tables(rows: list[tuple[str, dict, dict]]) -> tuple[str, dict]:
+def tables(rows: list[tuple[str, str, dict, dict]]) -> tuple[str, dict]:
     """Markdown tables and the goal counts."""
-    methods = [m for m in METHODS if any(m in t["methods"] for _, t, _ in rows)]
-    lines = loss_table([(name, t) for name, t, _ in rows], methods)
+    methods = [m for m in METHODS if any(m in t["methods"] for _, _, t, _ in rows)]
+    lines = loss_table([(label, t) for label, _, t, _ in rows], methods)
     lines += ["", "| target | k | gist d=8192 | gist-full d=8192 | gist `--rerank 3` |", "|---|---|---|---|---|"]
-    for name, _, run in rows:
+    for label, name, _, run in rows:
         f, d = run["fidelity"]["targets"][name], str(run["fidelity"]["d"])
         lines.append(
-            f"| {name} | {f['rank_exact'][0]} | {f['overlap'][d]:.3f} | {f['overlap_gist_full'][d]:.3f} | "
+            f"| {label} | {f['rank_exact'][0]} | {f['overlap'][d]:.3f} | {f['overlap_gist_full'][d]:.3f} | "
             f"{f['store_overlap_rerank']:.3f} |"
         )
     focus_methods = [m for m in ("random", "less", "gist", "mips", "rds", "bm25") if m in methods]
     lines += ["", "| target | " + " | ".join(focus_methods) + " |", "|---|" + "---|" * len(focus_methods)]
-    for name, t, run in rows:
+    for label, _, t, run in rows:
         cells = [f"{task_focus(t['methods'][m]['tasks'], run['pool']['tasks']):.2f}" for m in focus_methods]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     counts = {
         "targets": len(rows),
-        "gist_beats_random": sum(run["goals"]["gist_beats_random"][n] for n, _, run in rows),
-        "gist_not_above_less": sum(run["goals"]["gist_not_above_less"][n] for n, _, run in rows),
-        "headroom": sum(run["goals"]["some_selection_beats_base"][n] for n, _, run in rows),
+        "gist_beats_random": sum(run["goals"]["gist_beats_random"][n] for _, n, _, run in rows),
+        "gist_not_above_less": sum(run["goals"]["gist_not_above_less"][n] for _, n, _, run in rows),
+        "headroom": sum(run["goals"]["some_selection_beats_base"][n] for _, n, _, run in rows),
         "gist_beats_random_where_headroom": sum(
-            run["goals"]["gist_beats_random"][n] for n, _, run in rows if run["goals"]["some_selection_beats_base"][n]
+            run["goals"]["gist_beats_random"][n]
+            for _, n, _, run in rows
+            if run["goals"]["some_selection_beats_base"][n]
         ),
     }
     return "\n".join(lines) + "\n", counts
