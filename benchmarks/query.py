@@ -3,8 +3,9 @@
 Synthetic stores are written through the real :class:`~gist_index.store.GradientStore` API (zarr chunks, manifest,
 FAISS index), so every figure measures the real read path. Their vectors are gradient-like (see
 :class:`Generator`): task clusters of a low-rank latent space, examples mixing a second cluster, per-checkpoint
-bases and isotropic noise, unit-normalised and stored as float16. A target has 9 or 57 sub-tasks, each related to
-the pool but none of its clusters, with 2 to 5 validation vectors each; the selection is the top 5%.
+bases and isotropic noise, unit-normalised and stored as float16 (``--dtype int8``: as int8). A target has 9 or
+57 sub-tasks, each related to the pool but none of its clusters, with 2 to 5 validation vectors each; the selection
+is the top 5%.
 
 Measured for each store (N rows, d dims), every figure a ratio within this run:
 
@@ -50,7 +51,7 @@ from gist_index import index as gindex  # noqa: E402
 from gist_index.data import id_hash  # noqa: E402
 from gist_index.model import resolve_device  # noqa: E402
 from gist_index.select import scan_top  # noqa: E402
-from gist_index.store import STATUS_OK, STATUS_TRUNCATED, GradientStore  # noqa: E402
+from gist_index.store import STATUS_OK, STATUS_TRUNCATED, GradientStore, to_stored  # noqa: E402
 from gist_index.subspace import Scorer, build_target  # noqa: E402
 
 log = logging.getLogger("benchmarks.query")
@@ -146,25 +147,28 @@ class Generator:
         return np.random.default_rng(seed).choice(self.clusters, size=n, p=self.cluster_p)
 
 
-def make_store(path: str, n_rows: int, gen: Generator, chunk_rows: int, truncated: float = 0.005) -> GradientStore:
+def make_store(
+    path: str, n_rows: int, gen: Generator, chunk_rows: int, truncated: float = 0.005, dtype: str = "float16"
+) -> GradientStore:
     """Write a synthetic store of ``n_rows`` through the GradientStore API (reused when it exists, same config)."""
     if os.path.isdir(path):
         with contextlib.suppress(Exception):
             store = GradientStore.open(path)
-            if store.meta["config"] == _store_config(n_rows, gen, chunk_rows, truncated):
+            if store.meta["config"] == _store_config(n_rows, gen, chunk_rows, truncated, dtype):
                 return store
         GradientStore.remove(path)
-    _write_store(path, n_rows, gen, chunk_rows, truncated)
+    _write_store(path, n_rows, gen, chunk_rows, truncated, dtype)
     return GradientStore.open(path)
 
 
-def _store_config(n_rows: int, gen: Generator, chunk_rows: int, truncated: float) -> dict:
-    return {"synthetic": gen.params(), "n_rows": n_rows, "chunk_rows": chunk_rows, "truncated": truncated}
+def _store_config(n_rows: int, gen: Generator, chunk_rows: int, truncated: float, dtype: str) -> dict:
+    config = {"synthetic": gen.params(), "n_rows": n_rows, "chunk_rows": chunk_rows, "truncated": truncated}
+    return config if dtype == "float16" else {**config, "dtype": dtype}  # float16 stores keep their old config
 
 
-def _write_store(path: str, n_rows: int, gen: Generator, chunk_rows: int, truncated: float) -> None:
-    config = _store_config(n_rows, gen, chunk_rows, truncated)
-    store = GradientStore.create(path, config, chunk_rows, gen.dim, gen.n_checkpoints, "float16")
+def _write_store(path: str, n_rows: int, gen: Generator, chunk_rows: int, truncated: float, dtype: str) -> None:
+    config = _store_config(n_rows, gen, chunk_rows, truncated, dtype)
+    store = GradientStore.create(path, config, chunk_rows, gen.dim, gen.n_checkpoints, dtype)
     store.set_meta(weights=[1.0 / gen.n_checkpoints] * gen.n_checkpoints, data=[])
     store.resize(n_rows)
     rng = np.random.default_rng(gen.seed + 1)
@@ -197,7 +201,7 @@ def _write_store(path: str, n_rows: int, gen: Generator, chunk_rows: int, trunca
         seed = gen.seed * 1_000_003 + i
         for c, v in enumerate(gen.sample(gen.pool_centres(labels[start:stop], seed), seed + 1)):
             norms = v.norm(dim=1)
-            unit = (v / norms[:, None]).to(torch.float16).numpy()
+            unit = to_stored((v / norms[:, None]).numpy(), dtype)
             unit[~ok] = 0
             cols[f"ckpt_{c}/vectors"] = unit
             cols[f"ckpt_{c}/norms"] = np.where(ok, norms.numpy(), 0).astype(np.float32)
@@ -513,8 +517,9 @@ def power_law_exponent(ns: list[int], ts: list[float]) -> float | None:
 def run_store(n_rows: int, dim: int, args, preset: dict) -> dict:
     """Build (or reuse) one synthetic store and measure it."""
     gen = Generator(dim, args.checkpoints, seed=args.seed)
-    path = os.path.join(args.cache, f"syn-n{n_rows}-d{dim}-c{args.checkpoints}-s{args.seed}.gist")
-    t_build, store = timed(make_store, path, n_rows, gen, args.chunk_rows)
+    tag = "" if args.dtype == "float16" else f"-{args.dtype}"
+    path = os.path.join(args.cache, f"syn-n{n_rows}-d{dim}-c{args.checkpoints}-s{args.seed}{tag}.gist")
+    t_build, store = timed(make_store, path, n_rows, gen, args.chunk_rows, dtype=args.dtype)
     workdir = path + ".bench"
     os.makedirs(workdir, exist_ok=True)
     n_valid = int(store.meta["summary"]["n_with_gradient"])
@@ -654,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stores", help="override the preset's stores, e.g. 10000x1024,100000x8192")
     ap.add_argument("--checkpoints", type=int, help="checkpoints per store (default: the preset's, 1 or 2)")
     ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per chunk (the build's default, 1024)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "int8"], help="stored vector type")
     ap.add_argument(
         "--threads", type=int, default=0, help="torch and FAISS CPU threads (default 0: their defaults, one per core)"
     )
@@ -700,7 +706,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results)
     print_tables(results, summary)
     out = args.out or os.path.join(
-        ROOT, "benchmarks", "results", "query.json" if args.preset == "quick" else f"query-{args.preset}.json"
+        ROOT,
+        "benchmarks",
+        "results",
+        ("query" if args.preset == "quick" else f"query-{args.preset}")
+        + ("" if args.dtype == "float16" else f"-{args.dtype}")
+        + ".json",
     )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     report = {
