@@ -180,6 +180,9 @@ def base_model(pool_paths: Sequence[str], cache: str, spec: BaseSpec, progress: 
     return out, record
 
 
+MIN_TEST = 30  # test examples a target needs to be measured
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything a run does besides the base model (the time plan in benchmarks/README.md is for these)."""
@@ -778,6 +781,8 @@ def markdown(results: dict) -> str:
     excluded = R["base"].get("spec", {}).get("exclude")
     if excluded:
         lines += ["", f"Base model pretrained without the tasks {', '.join(excluded)} (`--unseen`)."]
+    for name, why in R.get("dropped_targets", {}).items():
+        lines += ["", f"Target {name} not measured: only {why}."]
     lines += ["", "## Target test loss (mean ± std over seeds; lower is better)", ""]
     lines += loss_table(list(R["targets"].items()), methods)
     same = [
@@ -982,6 +987,17 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
             f"      target {t.name}: {len(t.val)} val, {len(t.test)} test"
             + (f", exact match on {len(t.em_rows)}" if t.em_rows else "")
         )
+    # a target whose examples do not fit in max_length (a held-out task of long texts) cannot be measured
+    dropped = {
+        t.name: f"{len(t.val)} validation and {len(t.test)} test examples fit in {spec.max_length} tokens"
+        for t in targets
+        if len(t.test) < MIN_TEST or not t.val
+    }
+    for name, why in dropped.items():
+        print(f"      target {name} dropped: only {why} (at least {MIN_TEST} test examples needed)")
+    targets = [t for t in targets if t.name not in dropped]
+    if not targets:
+        raise SystemExit("no target left to measure")
     n_select = max(1, int(round(spec.fraction * len(pool))))
 
     with timer.stage("warmup"):
@@ -1130,6 +1146,7 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
         "store": {k: info[k] for k in ("n_examples", "bytes_per_example", "checkpoint_weights", "projection")},
         "targets": {},
         "reused": reused,
+        "dropped_targets": dropped,
     }
     store_overlaps = []
     for t in targets:
