@@ -578,7 +578,8 @@ def streamed_scores(
             for key, (d, dtype) in variants.items():
                 x = Gp[d]
                 if dtype not in ("float32", "float64"):  # as stored: unit rows in that type, read back
-                    unit = x.double().numpy() / np.maximum(np.linalg.norm(x.double().numpy(), axis=1), 1e-30)[:, None]
+                    xd = x.double().numpy()
+                    unit = xd / np.maximum(np.linalg.norm(xd, axis=1), 1e-30)[:, None]
                     x = torch.from_numpy(unit_rows(to_stored(unit, dtype), np.float64))
                 Gk[key] = x
             for t in targets:
