@@ -202,6 +202,7 @@ class RunSpec:
     test_size: int = 300  # fixed random test subsample per target
     dims: tuple[int, ...] = (1024, 4096, 8192)  # fidelity
     dim: int = BuildConfig().dim  # the stores' dimension (the package default)
+    store_dtype: str = "float16"  # the stores' vector type: the committed figures' (int8 changes them by a row or two)
     em_max_tokens: int = 8  # exact match on answers of at most this many tokens...
     em_min_share: float = 0.5  # ...for targets where at least this share of test answers is that short
     seed: int = 0  # pool and test subsamples, warmup
@@ -209,8 +210,11 @@ class RunSpec:
     rerank: float = 3.0  # select --rerank: candidates as a multiple of the selection
 
     def key(self) -> str:
-        """Cache key of the run's intermediate products (warmup, stores)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Cache key of the run's intermediate products (warmup, stores); float16 stores keep the older key."""
+        spec = asdict(self)
+        if spec["store_dtype"] == "float16":
+            spec.pop("store_dtype")
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def lora(self) -> LoraConfig:
@@ -1023,7 +1027,7 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
     for grad in ("sgd", "adam"):
         with timer.stage(f"store ({grad})"):
             stores[grad] = os.path.join(work, f"pool-{grad}.gist")
-            cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad)
+            cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype)
             if os.path.isdir(stores[grad]) and gi.info(stores[grad])["state"] == "complete":
                 reused.append(f"store-{grad}")
             else:

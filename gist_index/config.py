@@ -74,7 +74,7 @@ class BuildConfig:
     dtype: str = opt(
         "auto",
         "stored vector type: float16, float32, int8 (half float16's bytes; each row scaled to a largest coordinate "
-        "of 127), or auto (float32 with --dim 0, else float16)",
+        "of 127), or auto (float32 with --dim 0, else int8)",
     )
     model_dtype: str = opt("float32", "dtype the model runs in: float32 or bfloat16")
     index_factory: str = opt("auto", "FAISS index factory string (e.g. Flat, SQ8, IVF1024,SQ8, HNSW32), auto or none")
@@ -97,7 +97,7 @@ class BuildConfig:
         """The resolved storage dtype."""
         if self.dtype != "auto":
             return self.dtype
-        return "float32" if self.dim == 0 else "float16"
+        return "float32" if self.dim == 0 else "int8"
 
     def compute_config(self) -> dict:
         """The fields that change the stored vectors (hashed into the store's config)."""

@@ -38,12 +38,14 @@ def test_reopen_reads_metadata_and_vectors(store, tiny_model_dir, pool_file):
     assert s.meta["data"][0]["sha256"] and s.meta["data"][0]["rows"] == [0, 40]
     v = s.vectors(0, 0, 40)
     ok = s.column("status") == 0
-    np.testing.assert_allclose(np.linalg.norm(v[ok], axis=1), 1, atol=2e-3)  # unit vectors, float16
-    assert s.group["ckpt_0/vectors"].dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(v[ok], axis=1), 1, atol=1e-5)  # unit vectors back from int8
+    assert s.group["ckpt_0/vectors"].dtype == np.int8  # the default for a projected store
+    raw = s.vectors(0, 0, 40, dtype=None)
+    assert (np.abs(raw[ok]).max(axis=1) == 127).all()
     ids = s.column("ids")
     assert ids[0] == "ex-1-0" and ids[1] == "pool.jsonl:2"  # the id field, else file:line
     meta = info(store)
-    assert meta["bytes_per_example"] > 64 * 2 * 2 and meta["n_examples"] == 40
+    assert meta["bytes_per_example"] > 64 * 2 and meta["n_examples"] == 40
 
 
 def test_same_build_again_resumes_without_work(store, tiny_model_dir, tiny_adapters, pool_file):
