@@ -378,7 +378,7 @@ def select(
     )
     sel = Selection(rows, scores, ids, target, cfg.method, store.n_rows, seconds, extra, subtask_of, cfg.subtasks)
     if rank == 0 and len(target.subtasks) > 1:
-        log.info("examples picked per sub-task (%s): %s", cfg.subtasks, sel.subtask_picks())
+        log.debug("examples picked per sub-task (%s): %s", cfg.subtasks, sel.subtask_picks())
     if out and rank == 0:
         write_selection(store, sel, out)
         sel.seconds["write"] = time.time() - t2
