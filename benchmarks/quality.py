@@ -770,7 +770,7 @@ def cached_run(args: argparse.Namespace) -> CachedRun:
     with open(os.path.join(work, "warmup", "warmup.json")) as fh:
         ckpts = json.load(fh)["checkpoints"]
     weights = gi.info(os.path.join(work, "pool-sgd.gist"))["checkpoint_weights"]
-    targets = [load_target(d, tok, spec) for d in dirs]
+    targets = [t for t in (load_target(d, tok, spec) for d in dirs) if len(t.test) >= MIN_TEST and t.val]  # as run
     return CachedRun(spec, base, work, tok, pool, targets, ckpts, weights)
 
 
