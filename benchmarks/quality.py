@@ -285,9 +285,26 @@ def write_jsonl_gz(path: str, records: Sequence[dict]) -> str:
     return path
 
 
+def held_tasks(groups: Sequence[str]) -> list[str]:
+    """The pool tasks of ``--holdout-tasks`` entries (``task`` or ``task+task+...``), sorted."""
+    return sorted({t for group in groups for t in group.split("+")})
+
+
+def base_spec_for(holdout: Sequence[str], unseen: bool) -> BaseSpec:
+    """The base model of a run: the standard one, or (``--unseen``) one pretrained without the held-out tasks."""
+    return BaseSpec(exclude=tuple(held_tasks(holdout)) if unseen else ())
+
+
+def unmeasurable(t: TargetData, spec: RunSpec) -> str | None:
+    """Why a target cannot be measured (too few of its examples within the max length), else None."""
+    if len(t.test) >= MIN_TEST and t.val:
+        return None
+    return f"{len(t.val)} validation and {len(t.test)} test examples fit in {spec.max_length} tokens"
+
+
 def pool_subsample(pool: Sequence[Example], tok, spec: RunSpec, out: str) -> tuple[list[Example], dict]:
     """The fixed pool subsample (selection half, fits max-length, seeded), written to ``out``; and its description."""
-    held = {t for group in spec.holdout for t in group.split("+")}
+    held = set(held_tasks(spec.holdout))
     half = [i for i, e in enumerate(pool) if not in_pretraining_half(e.id) and task_of(e) not in held]
     order = np.random.default_rng(spec.seed).permutation(len(half))
     chosen, tried = [], 0
@@ -599,21 +616,11 @@ def streamed_scores(
     return exact, proj, acc
 
 
-def fidelity(
-    base: str,
-    ckpts: Sequence[str],
-    pool: Sequence[Example],
-    targets: Sequence[TargetData],
-    weights: Sequence[float],
-    spec: RunSpec,
-    progress: bool,
-    block: int = 256,
-) -> dict:
-    """Exact GIST (raw gradients, exact subspace) and projected GIST (CountSketch at each d, the store's seed) on
-    the same checkpoints: per target, the top-n rows of each and the validation spectra."""
-    variants = {d: (d, "float32") for d in spec.dims}
-    exact, proj, acc = streamed_scores(base, ckpts, pool, targets, weights, spec, variants, progress, block)
-    N = len(pool)
+def fidelity(streamed: tuple[dict, dict, dict], targets: Sequence[TargetData], spec: RunSpec, N: int) -> dict:
+    """From :func:`streamed_scores` with the variants ``{d: (d, "float32")}`` for each d of ``spec.dims``: exact
+    GIST (raw gradients, exact subspace) against projected GIST (CountSketch at each d, the store's seed) on the
+    same checkpoints; per target, the top-n rows of each and the validation spectra (``N`` pool rows)."""
+    exact, proj, acc = streamed
     n = max(1, int(round(spec.fraction * N)))
     out = {}
     for t in targets:
@@ -757,11 +764,11 @@ def cached_run(args: argparse.Namespace) -> CachedRun:
     message when that run has not been made."""
     torch.set_num_threads(args.threads)
     spec = RunSpec(holdout=tuple(args.holdout_tasks), warmup_epochs=args.warmup_epochs)
-    held = sorted({t for g in args.holdout_tasks for t in g.split("+")})
-    key = BaseSpec(exclude=tuple(held) if args.unseen else ()).key(DEFAULT_POOL)
+    key = base_spec_for(args.holdout_tasks, args.unseen).key(DEFAULT_POOL)
     base, work = os.path.join(args.cache, f"base-{key}"), os.path.join(args.cache, f"run-{spec.key()}-{key}")
-    if not os.path.isdir(os.path.join(work, "pool-sgd.gist")):
-        raise SystemExit(f"{work}/pool-sgd.gist: not found; run benchmarks/quality.py with the same options first")
+    store = os.path.join(work, "pool-sgd.gist")
+    if not os.path.isdir(store):
+        raise SystemExit(f"{store}: not found; run benchmarks/quality.py with the same options first")
     tok = load_tokenizer(base)
     pool = list(read_examples(os.path.join(work, "pool.jsonl.gz"), tok.eos_token))
     dirs = ([] if args.no_default_targets else DEFAULT_TARGETS) + [
@@ -769,8 +776,8 @@ def cached_run(args: argparse.Namespace) -> CachedRun:
     ]
     with open(os.path.join(work, "warmup", "warmup.json")) as fh:
         ckpts = json.load(fh)["checkpoints"]
-    weights = gi.info(os.path.join(work, "pool-sgd.gist"))["checkpoint_weights"]
-    targets = [t for t in (load_target(d, tok, spec) for d in dirs) if len(t.test) >= MIN_TEST and t.val]  # as run
+    weights = gi.info(store)["checkpoint_weights"]
+    targets = [t for t in (load_target(d, tok, spec) for d in dirs) if unmeasurable(t, spec) is None]  # as run()
     return CachedRun(spec, base, work, tok, pool, targets, ckpts, weights)
 
 
@@ -993,11 +1000,7 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
             + (f", exact match on {len(t.em_rows)}" if t.em_rows else "")
         )
     # a target whose examples do not fit in max_length (a held-out task of long texts) cannot be measured
-    dropped = {
-        t.name: f"{len(t.val)} validation and {len(t.test)} test examples fit in {spec.max_length} tokens"
-        for t in targets
-        if len(t.test) < MIN_TEST or not t.val
-    }
+    dropped = {t.name: why for t in targets if (why := unmeasurable(t, spec)) is not None}
     for name, why in dropped.items():
         print(f"      target {name} dropped: only {why} (at least {MIN_TEST} test examples needed)")
     targets = [t for t in targets if t.name not in dropped]
@@ -1095,7 +1098,9 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
                     f[key] = {int(d): v for d, v in f[key].items()}
             reused.append("fidelity")
         else:
-            fid = fidelity(base, ckpts, pool, targets, weights, spec, args.progress)
+            variants = {d: (d, "float32") for d in spec.dims}
+            streamed = streamed_scores(base, ckpts, pool, targets, weights, spec, variants, args.progress)
+            fid = fidelity(streamed, targets, spec, len(pool))
             with open(fid_file, "w") as fh:
                 json.dump({n: {**f, "top_exact": f["top_exact"].tolist()} for n, f in fid.items()}, fh)
     with open(os.path.join(work, "selections.json"), "w") as fh:  # for later analysis: pool ids, best first
@@ -1277,12 +1282,12 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.unseen and not args.holdout_tasks:
         raise SystemExit("--unseen: give the tasks to keep out of pretraining with --holdout-tasks")
-    held = sorted({t for group in args.holdout_tasks for t in group.split("+")})
+    held = held_tasks(args.holdout_tasks)
     if held:  # fail before a long pretraining, not after
         known = {task_of(e) for e in read_pool(args.pool)}
         if set(held) - known:
             raise SystemExit(f"--holdout-tasks: no pool task {sorted(set(held) - known)}; the pool has {sorted(known)}")
-    base_spec = BaseSpec(exclude=tuple(held) if args.unseen else ())
+    base_spec = base_spec_for(args.holdout_tasks, args.unseen)
     if args.base:
         base, base_record = args.base, {"pretrain_seconds": float("nan"), "note": "given with --base"}
     else:
