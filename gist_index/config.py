@@ -69,7 +69,11 @@ class BuildConfig:
     batch_size: int = opt(16, "examples per batch (batches are length-bucketed inside each chunk)")
     max_tokens: int = opt(0, "padded tokens per batch at most (0: no limit)")
     seed: int = opt(0, "projection seed: the same seed gives the same projection on every run and device")
-    gradient: str = opt("sgd", "sgd: plain gradients (GIST); adam: Adam-preconditioned gradients (LESS)")
+    gradient: str = opt(
+        "sgd",
+        "sgd: plain gradients (GIST); adam: Adam-preconditioned gradients (LESS); rms: LESS's preconditioning "
+        "without its momentum term, which every example shares",
+    )
     chunk_rows: int = opt(1024, "rows per chunk: the unit of work, of resume and of the manifest")
     dtype: str = opt(
         "auto",
@@ -85,7 +89,7 @@ class BuildConfig:
             raise ConfigError(f"dim must be >= 0, got {self.dim}")
         if self.max_tokens < 0:
             raise ConfigError(f"max-tokens must be >= 0, got {self.max_tokens}")
-        _choice("gradient", self.gradient, ("sgd", "adam"))
+        _choice("gradient", self.gradient, ("sgd", "adam", "rms"))
         _choice("projection", self.projection, ("countsketch", "gaussian", "rademacher"))
         _choice("dtype", self.dtype, ("auto", "float16", "float32", "int8"))
         _choice("model-dtype", self.model_dtype, ("float32", "bfloat16"))

@@ -163,14 +163,29 @@ def load_adam_state(checkpoint: str, params: Sequence[LoraParam], device) -> lis
     return out
 
 
+def precondition(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, momentum: bool = True) -> torch.Tensor:
+    """LESS's Adam-preconditioned gradient ``(b1 m + (1-b1) g) / sqrt(b2 v + (1-b2) g^2 + eps)``, or without the
+    shared momentum term ``b1 m`` (``momentum=False``)."""
+    num = (ADAM_BETA1 * m + (1 - ADAM_BETA1) * g) if momentum else (1 - ADAM_BETA1) * g
+    return num / torch.sqrt(ADAM_BETA2 * v + (1 - ADAM_BETA2) * g * g + ADAM_EPS)
+
+
 class GradientExtractor:
     """Computes projected per-example LoRA gradients of a peft model, batch by batch.
 
     ``adam``: per-parameter (exp_avg, exp_avg_sq) to precondition as LESS does,
-    ``(b1 m + (1-b1) g) / sqrt(b2 v + (1-b2) g^2 + eps)``; ``None`` gives plain (SGD) gradients.
+    ``(b1 m + (1-b1) g) / sqrt(b2 v + (1-b2) g^2 + eps)``; with ``momentum=False`` without the momentum term
+    ``b1 m``, which every example shares: ``(1-b1) g / sqrt(...)`` (the ``rms`` store); ``None`` gives plain (SGD)
+    gradients.
     """
 
-    def __init__(self, model, projector: Projector, adam: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        model,
+        projector: Projector,
+        adam: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        momentum: bool = True,
+    ):
         self.model = model
         self.params = lora_params(model)
         self.source_dim = sum(p.numel for p in self.params)
@@ -180,13 +195,12 @@ class GradientExtractor:
             )
         self.projector = projector
         self.adam = adam
+        self.momentum = momentum
         self._inputs: dict[int, torch.Tensor] = {}
 
     def _precondition(self, k: int, g: torch.Tensor) -> torch.Tensor:
         m, v = self.adam[k]
-        return (ADAM_BETA1 * m + (1 - ADAM_BETA1) * g) / torch.sqrt(
-            ADAM_BETA2 * v + (1 - ADAM_BETA2) * g * g + ADAM_EPS
-        )
+        return precondition(g, m, v, self.momentum)
 
     def compute(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Return ``vectors`` [b, dim] (float32), ``grad_norm`` [b] of the unprojected (preconditioned) gradient,
@@ -225,8 +239,9 @@ class GradientExtractor:
         return {"vectors": out, "grad_norm": sq.sqrt(), "loss": losses.detach().float()}
 
 
-def reference_gradients(model, batch: Batch, adam=None) -> torch.Tensor:
-    """Per-example LoRA gradients by a batch-size-1 autograd loop over HF's own loss (the slow reference)."""
+def reference_gradients(model, batch: Batch, adam=None, momentum: bool = True) -> torch.Tensor:
+    """Per-example LoRA gradients by a batch-size-1 autograd loop over HF's own loss (the slow reference);
+    preconditioned with ``adam`` moments as :func:`precondition` when given."""
     rows = []
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     saved = [p.requires_grad for p in params]
@@ -244,9 +259,7 @@ def reference_gradients(model, batch: Batch, adam=None) -> torch.Tensor:
             if adam is not None:
                 m = torch.cat([a[0] for a in adam])
                 v = torch.cat([a[1] for a in adam])
-                g = (ADAM_BETA1 * m + (1 - ADAM_BETA1) * g) / torch.sqrt(
-                    ADAM_BETA2 * v + (1 - ADAM_BETA2) * g * g + ADAM_EPS
-                )
+                g = precondition(g, m, v, momentum)
             rows.append(g)
     finally:
         for p, s in zip(params, saved):
@@ -354,7 +367,8 @@ class CheckpointedModel:
     ) -> dict[str, np.ndarray]:
         """Projected per-example gradients of ``encoded`` at checkpoint ``c``, as numpy arrays in input order."""
         self.use(c)
-        ex = GradientExtractor(self.pm, projector, self.adam_state(c) if gradient == "adam" else None)
+        adam = self.adam_state(c) if gradient in ("adam", "rms") else None
+        ex = GradientExtractor(self.pm, projector, adam, momentum=gradient == "adam")
         n = len(encoded)
         out = {
             "vectors": np.zeros((n, projector.dim), np.float32),

@@ -48,15 +48,22 @@ def test_sgd_gradients_match_batch_size_one_loop(cm, ckpt):
     assert torch.allclose(ours["grad_norm"], ref.norm(dim=1), rtol=1e-4)
 
 
-def test_adam_gradients_match_less_formula(cm):
+@pytest.mark.parametrize("momentum", [True, False], ids=["adam", "rms"])
+def test_adam_gradients_match_less_formula(cm, momentum):
     cm.use(1)
     enc = _encoded(cm, seed=4)
     batch = collate(enc, cm.tokenizer.pad_token_id, "cpu")
     adam = cm.adam_state(1)
     assert any(m.abs().sum() > 0 for m, _ in adam)  # a real optimizer state
-    ours = GradientExtractor(cm.pm, IdentityProjector(cm.source_dim), adam).compute(batch)
-    ref = reference_gradients(cm.pm, batch, adam)
+    ours = GradientExtractor(cm.pm, IdentityProjector(cm.source_dim), adam, momentum=momentum).compute(batch)
+    # LESS's formula, written out here on the plain reference gradients (rms: without the momentum term)
+    g = reference_gradients(cm.pm, batch)
+    m, v = torch.cat([a[0] for a in adam]), torch.cat([a[1] for a in adam])
+    ref = ((0.9 * m if momentum else 0) + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g * g + 1e-8)
     assert _rel_err(ours["vectors"], ref) < 1e-4
+    assert _rel_err(reference_gradients(cm.pm, batch, adam, momentum), ref) < 1e-5
+    if not momentum:  # the shared term is gone: rms differs from adam by exactly that term
+        assert _rel_err(ours["vectors"], reference_gradients(cm.pm, batch, adam)) > 0.1
 
 
 def test_projected_gradients_are_the_projection_of_the_reference(cm):

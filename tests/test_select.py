@@ -13,7 +13,7 @@ from gist_index.extract import CheckpointedModel, collate, reference_gradients
 MAXLEN = 128
 
 
-def _reference_grads(cm, examples, ckpt, adam=False):
+def _reference_grads(cm, examples, ckpt, adam=False, momentum=True):
     cm.use(ckpt)
     rows = []
     for ex in examples:
@@ -22,7 +22,8 @@ def _reference_grads(cm, examples, ckpt, adam=False):
             rows.append(None)
             continue
         batch = collate([e], cm.tokenizer.pad_token_id, "cpu")
-        rows.append(reference_gradients(cm.pm, batch, cm.adam_state(ckpt) if adam else None)[0].double().numpy())
+        state = cm.adam_state(ckpt) if adam else None
+        rows.append(reference_gradients(cm.pm, batch, state, momentum)[0].double().numpy())
     return rows
 
 
@@ -71,10 +72,10 @@ def less_reference(train, val, subtasks, weights):
     return per.max(1)
 
 
-def _stores(model, adapters, pool_file, d, dim):
-    """An sgd and an adam store of the pool at ``dim`` (0: raw gradients), checkpoint weights 1:3."""
+def _stores(model, adapters, pool_file, d, dim, grads=("sgd", "adam")):
+    """A store of the pool per gradient type at ``dim`` (0: raw gradients), checkpoint weights 1:3."""
     stores = {}
-    for grad in ("sgd", "adam"):
+    for grad in grads:
         cfg = BuildConfig(dim=dim, max_length=MAXLEN, batch_size=7, chunk_rows=16, gradient=grad)
         stores[grad] = str(d / f"{grad}.gist")
         build(model, adapters, [pool_file], stores[grad], cfg, progress=False, checkpoint_weights=[1, 3])
@@ -84,14 +85,13 @@ def _stores(model, adapters, pool_file, d, dim):
 @pytest.fixture(scope="module")
 def exact(tiny_model_dir, tiny_adapters, pool_file, target_file, tmp_path_factory):
     d = tmp_path_factory.mktemp("exact")
-    stores = _stores(tiny_model_dir, tiny_adapters, pool_file, d, dim=0)
+    stores = _stores(tiny_model_dir, tiny_adapters, pool_file, d, dim=0, grads=("sgd", "adam", "rms"))
     cm = CheckpointedModel(tiny_model_dir, tiny_adapters, device="cpu")
     pool = list(read_examples(pool_file))
     val = load_examples([target_file])
     ref = {}
-    for grad in ("sgd", "adam"):
-        rows = [_reference_grads(cm, pool, c, adam=grad == "adam") for c in range(2)]
-        ref[grad] = rows
+    for grad in ("sgd", "adam", "rms"):
+        ref[grad] = [_reference_grads(cm, pool, c, grad != "sgd", grad == "adam") for c in range(2)]
     ref["val"] = [np.stack(_reference_grads(cm, val, c)) for c in range(2)]
     ref["subtasks"] = [e.subtask for e in val]
     return stores, ref, d
@@ -194,6 +194,23 @@ def test_subtasks_rule_is_checked():
 
     with pytest.raises(ConfigError, match="subtasks"):
         SelectConfig(subtasks="mean", top=5)
+
+
+def test_gist_on_rms_store_equals_paper_formula_on_preconditioned_gradients(exact, target_file):
+    """--gradient rms: the pool's gradients preconditioned as LESS's without the momentum term; the validation
+    side (the subspace) stays plain, as in LESS."""
+    stores, ref, d = exact
+    scores_file = str(d / "gist-rms.npy")
+    sel = select(stores["rms"], [target_file], None, method="gist", top=10, scores_out=scores_file, progress=False)
+    ok, T0 = _train_matrix(ref["rms"][0])
+    _, T1 = _train_matrix(ref["rms"][1])
+    expected = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0])
+    np.testing.assert_allclose(np.load(scores_file)[ok], expected, atol=2e-4)
+    assert list(sel.rows) == [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
+    _, S0 = _train_matrix(ref["sgd"][0])
+    _, S1 = _train_matrix(ref["sgd"][1])
+    plain = gist_reference([S0, S1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0])
+    assert np.abs(plain - expected).max() > 0.05  # the preconditioning changes the scores
 
 
 def test_less_equals_less_formula_on_adam_store(exact, target_file):

@@ -1,0 +1,180 @@
+"""Which ingredient makes LESS win: score formula and gradient store, crossed, on a finished quality.py run.
+
+LESS and GIST differ in two things: the gradients of the pool (LESS: Adam-preconditioned, the ``adam`` store;
+GIST: plain, the ``sgd`` store) and the score (LESS: cosine with each validation gradient over the whole
+projected gradient, mean per sub-task, max; GIST: cosine inside the top-k subspace of the validation gradients
+with each sub-task's mean direction, max). quality.py measures the two diagonal cells (``less`` on adam,
+``gist`` on sgd); this script fills in the other two, or any of these variants, on the cached run (base model,
+pool subsample, both stores), fine-tuning with quality.py's settings and seeds so the losses compare with its
+table:
+
+* ``gist-adam``: the paper's formula on the adam store (the subspace still comes from the plain validation
+  gradients, as LESS's validation side);
+* ``gist-full-adam``: GIST's sub-task directions, scored over the whole gradient's norm, on the adam store;
+* ``less-sgd``: LESS's formula on the sgd store;
+* ``gist-rms``: the paper's formula on an ``rms`` store (built here once, as quality.py builds its stores):
+  LESS's preconditioning without its momentum term ``0.9 m``, a vector every example shares (in the adam store
+  it dominates: each example's preconditioned gradient is mostly that one direction).
+
+Reproduce::
+
+    python benchmarks/quality.py --no-default-targets --holdout-tasks T ... --unseen --out DIR   # once
+    python benchmarks/quality_variants.py --no-default-targets --holdout-tasks T ... --unseen \\
+        --variants gist-adam less-sgd --out DIR/quality_variants.json
+
+It also measures, on 64 pool examples per warmup checkpoint, how the raw gradient splits between the LoRA A and
+B matrices in each store's gradients (``geometry`` in the JSON): with plain gradients B takes almost all of the
+squared norm (A's gradient carries B's small warmed-up weights), while Adam, which fine-tuning uses, moves both.
+
+Writes the JSON given by ``--out``; the last printed line is one JSON object of mean losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gist_index as gi  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    HERE,
+    add_cached_run_args,
+    cached_run,
+    evaluate,
+    finetune,
+    summarise,
+    task_of,
+)
+from gist_index.config import BuildConfig, SelectConfig  # noqa: E402
+from gist_index.data import encode  # noqa: E402
+from gist_index.extract import CheckpointedModel  # noqa: E402
+from gist_index.project import IdentityProjector  # noqa: E402
+
+# name -> (select --method, store); the two quality.py already measures are listed for completeness
+VARIANTS = {
+    "gist-adam": ("gist", "adam"),
+    "gist-full-adam": ("gist-full", "adam"),
+    "less-sgd": ("less", "sgd"),
+    "gist-rms": ("gist", "rms"),
+    "gist": ("gist", "sgd"),
+    "less": ("less", "adam"),
+}
+
+
+def geometry(run, n: int = 64, seed: int = 0) -> list[dict]:
+    """Per warmup checkpoint, on ``n`` random pool examples' raw gradients (sgd, adam, rms): the mean share of the
+    squared norm in the LoRA A matrices, the mean pairwise cosine, and (adam) the mean cosine with the update
+    direction all examples share, Adam's momentum term ``m / sqrt(v)``."""
+    cm = CheckpointedModel(run.base, run.ckpts, "cpu")
+    rows = np.random.default_rng(seed).choice(len(run.pool), min(n, len(run.pool)), replace=False)
+    enc = [encode(run.pool[int(i)], cm.tokenizer, run.spec.max_length) for i in rows]
+    proj = IdentityProjector(cm.source_dim)
+    in_a = np.concatenate([np.full(p.numel, "lora_A" in p.name) for p in cm.params])
+    off = ~np.eye(len(enc), dtype=bool)
+    out = []
+    for c in range(len(run.ckpts)):
+        rec: dict = {"checkpoint": c}
+        unit = {}
+        for grad in ("sgd", "adam", "rms"):
+            g = cm.gradients(enc, c, proj, grad)["vectors"].astype(np.float64)
+            sq = g**2
+            unit[grad] = g / np.linalg.norm(g, axis=1, keepdims=True)
+            rec[grad] = {
+                "share_in_lora_A": round(float((sq[:, in_a].sum(1) / sq.sum(1)).mean()), 4),
+                "mean_pairwise_cosine": round(float((unit[grad] @ unit[grad].T)[off].mean()), 4),
+            }
+        m, v = (np.concatenate([a[i].flatten().numpy() for a in cm.adam_state(c)]).astype(np.float64) for i in (0, 1))
+        shared = m / np.sqrt(v + 1e-8)
+        cos_shared = (unit["adam"] @ shared).mean() / np.linalg.norm(shared)
+        rec["adam"]["mean_cosine_with_momentum_term"] = round(float(cos_shared), 4)
+        out.append(rec)
+    return out
+
+
+def table(results: dict, variants_out: dict, variants: list[str]) -> list[str]:
+    """A markdown table of target loss (mean ± std): the run's random, less and gist, then the variants."""
+    cols = ["random", "less", "gist"] + [v for v in variants if v not in ("less", "gist")]
+    lines = ["| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, t in variants_out["targets"].items():
+        cells = []
+        for c in cols:
+            ls = t[c]["loss"] if c in t else results["targets"][name]["methods"][c]["loss"]
+            cells.append(f"{ls['mean']:.3f} ± {ls['std']:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None) -> None:
+    """Select with each variant on each target of the cached run, fine-tune, print a table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cached_run_args(ap)
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["gist-adam", "less-sgd"])
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "quality_variants.json"))
+    ap.add_argument("--results", help="the run's quality.json: also print a table with its random, less and gist")
+    args = ap.parse_args(argv)
+    run = cached_run(args)
+    spec, base, tok, pool = run.spec, run.base, run.tok, run.pool
+    row_of = {e.id: i for i, e in enumerate(pool)}
+    n = max(1, int(round(spec.fraction * len(pool))))
+    t0 = time.time()
+    out: dict = {"n_select": n, "seeds": list(spec.seeds), "work": run.work, "geometry": geometry(run), "targets": {}}
+    for g in out["geometry"]:
+        print(
+            f"checkpoint {g['checkpoint']}: share of the squared gradient in LoRA A: "
+            + ", ".join(f"{k} {g[k]['share_in_lora_A']:.3f}" for k in ("sgd", "adam", "rms"))
+            + "; mean pairwise cosine: "
+            + ", ".join(f"{k} {g[k]['mean_pairwise_cosine']:.3f}" for k in ("sgd", "adam", "rms"))
+            + "; adam vs its "
+            f"momentum term: {g['adam']['mean_cosine_with_momentum_term']:.3f}"
+        )
+    print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
+    for t in run.targets:
+        res = out["targets"].setdefault(t.name, {})
+        for name in args.variants:
+            method, grad = VARIANTS[name]
+            store = os.path.join(run.work, f"pool-{grad}.gist")
+            if not (os.path.isdir(store) and gi.info(store)["state"] == "complete"):
+                cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype)
+                pool_file = os.path.join(run.work, "pool.jsonl.gz")
+                gi.build(base, run.ckpts, [pool_file], store, cfg, overwrite=True, device="cpu", progress=True)
+            sel = gi.select(store, [t.val_file], None, SelectConfig(method=method, top=n), progress=False)
+            rows = np.asarray([row_of[i] for i in sel.ids])
+            losses = [
+                evaluate(finetune(base, tok, [pool[int(r)] for r in rows], spec, s), tok, t, spec)["loss"]
+                for s in spec.seeds
+            ]
+            tasks = [task_of(pool[int(r)]) for r in rows]
+            share = sorted(((tasks.count(k) / len(tasks), k) for k in set(tasks)), reverse=True)[:3]
+            res[name] = {
+                "method": method,
+                "store": grad,
+                "rank": sel.target.ranks,
+                "loss": summarise(losses),
+                "top_tasks": [[k, round(v, 3)] for v, k in share],
+                "ids": list(sel.ids),
+            }
+            ls = res[name]["loss"]
+            print(
+                f"{t.name:<42} {name:<15} {ls['mean']:>8.3f} ± {ls['std']:.3f}  "
+                + ", ".join(f"{k} {v:.0%}" for v, k in share),
+                flush=True,
+            )
+    out["seconds"] = round(time.time() - t0, 1)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"wrote {args.out} in {out['seconds']:.0f} s")
+    if args.results:
+        with open(args.results) as fh:
+            print("\n".join(table(json.load(fh), out, args.variants)))
+    means = {t: {v: round(r["loss"]["mean"], 4) for v, r in res.items()} for t, res in out["targets"].items()}
+    print(json.dumps(means))
+
+
+if __name__ == "__main__":
+    main()
