@@ -216,6 +216,10 @@ class RunSpec:
             spec.pop("store_dtype")
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
+    def n_select(self, n_pool: int) -> int:
+        """How many rows a selection keeps from a pool of ``n_pool``: ``fraction`` of it, at least one."""
+        return max(1, int(round(self.fraction * n_pool)))
+
     @property
     def lora(self) -> LoraConfig:
         """The LoRA adapter of the warmup and of every fine-tuning run."""
@@ -362,6 +366,21 @@ def holdout_targets(pool: Sequence[Example], tok, spec: RunSpec, out: str) -> li
         write_jsonl_gz(os.path.join(d, "test.jsonl.gz"), test)
         dirs.append(d)
     return dirs
+
+
+def pool_store(
+    base: str, ckpts: Sequence[str], work: str, grad: str, spec: RunSpec, progress: bool
+) -> tuple[str, bool]:
+    """The run's store of ``grad`` gradients (``work/pool-GRAD.gist``) of its pool subsample (``work/pool.jsonl.gz``),
+    built unless a complete one is there; returns its path and whether it was built now."""
+    path = os.path.join(work, f"pool-{grad}.gist")
+    if os.path.isdir(path) and gi.info(path)["state"] == "complete":
+        return path, False
+    cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype)
+    gi.build(
+        base, ckpts, [os.path.join(work, "pool.jsonl.gz")], path, cfg, overwrite=True, device="cpu", progress=progress
+    )
+    return path, True
 
 
 def task_of(ex: Example) -> str:
@@ -621,7 +640,7 @@ def fidelity(streamed: tuple[dict, dict, dict], targets: Sequence[TargetData], s
     GIST (raw gradients, exact subspace) against projected GIST (CountSketch at each d, the store's seed) on the
     same checkpoints; per target, the top-n rows of each and the validation spectra (``N`` pool rows)."""
     exact, proj, acc = streamed
-    n = max(1, int(round(spec.fraction * N)))
+    n = spec.n_select(N)
     out = {}
     for t in targets:
         a = acc[t.name]
@@ -1006,7 +1025,7 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
     targets = [t for t in targets if t.name not in dropped]
     if not targets:
         raise SystemExit("no target left to measure")
-    n_select = max(1, int(round(spec.fraction * len(pool))))
+    n_select = spec.n_select(len(pool))
 
     with timer.stage("warmup"):
         warm = os.path.join(work, "warmup")
@@ -1029,14 +1048,9 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
     stores = {}
     for grad in ("sgd", "adam"):
         with timer.stage(f"store ({grad})"):
-            stores[grad] = os.path.join(work, f"pool-{grad}.gist")
-            cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype)
-            if os.path.isdir(stores[grad]) and gi.info(stores[grad])["state"] == "complete":
+            stores[grad], built = pool_store(base, ckpts, work, grad, spec, args.progress)
+            if not built:
                 reused.append(f"store-{grad}")
-            else:
-                gi.build(
-                    base, ckpts, [pool_file], stores[grad], cfg, overwrite=True, device="cpu", progress=args.progress
-                )
     info = gi.info(stores["sgd"])
     weights = info["checkpoint_weights"]
 

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     variants = {f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes}
     t0 = time.time()
     _, _, acc = streamed_scores(run.base, run.ckpts, pool, targets, run.weights, spec, variants, args.progress)
-    n = max(1, int(round(spec.fraction * len(pool))))
+    n = spec.n_select(len(pool))
     res: dict = {"n_pool": len(pool), "n_select": n, "n_checkpoints": len(run.ckpts), "targets": {}, "mean": {}}
     for t in targets:
         a = acc[t.name]

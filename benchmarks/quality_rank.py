@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     run = cached_run(args)
     spec, base, tok, pool, store, targets = run.spec, run.base, run.tok, run.pool, run.store, run.targets
     row_of = {e.id: i for i, e in enumerate(pool)}
-    n = max(1, int(round(spec.fraction * len(pool))))
+    n = spec.n_select(len(pool))
     t0 = time.time()
     out: dict = {"n_select": n, "seeds": list(spec.seeds), "targets": {}}
     print(f"{'target':<16} {'energy':>6} {'k':>8} {'loss':>16} {'own task':>8}")

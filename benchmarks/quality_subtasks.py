@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     )
     row_of = {e.id: i for i, e in enumerate(pool)}
     targets = [t for t in run.targets if len(set(t.subtasks)) > 1]
-    n = max(1, int(round(spec.fraction * len(pool))))
+    n = spec.n_select(len(pool))
     t0 = time.time()
     res: dict = {"n_select": n, "seeds": list(spec.seeds), "warmup_epochs": spec.warmup_epochs, "targets": {}}
     print(f"{'target':<26} {'rule':<12} {'loss':>16}  sub-tasks won (min-max)  top pool tasks")

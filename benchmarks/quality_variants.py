@@ -48,10 +48,11 @@ from benchmarks.quality import (  # noqa: E402
     cached_run,
     evaluate,
     finetune,
+    pool_store,
     summarise,
     task_of,
 )
-from gist_index.config import BuildConfig, SelectConfig  # noqa: E402
+from gist_index.config import SelectConfig  # noqa: E402
 from gist_index.data import encode  # noqa: E402
 from gist_index.extract import CheckpointedModel  # noqa: E402
 from gist_index.project import IdentityProjector  # noqa: E402
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
     run = cached_run(args)
     spec, base, tok, pool = run.spec, run.base, run.tok, run.pool
     row_of = {e.id: i for i, e in enumerate(pool)}
-    n = max(1, int(round(spec.fraction * len(pool))))
+    n = spec.n_select(len(pool))
     t0 = time.time()
     out: dict = {"n_select": n, "seeds": list(spec.seeds), "work": run.work, "geometry": geometry(run), "targets": {}}
     for g in out["geometry"]:
@@ -138,11 +139,7 @@ def main(argv=None) -> None:
         res = out["targets"].setdefault(t.name, {})
         for name in args.variants:
             method, grad = VARIANTS[name]
-            store = os.path.join(run.work, f"pool-{grad}.gist")
-            if not (os.path.isdir(store) and gi.info(store)["state"] == "complete"):
-                cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype)
-                pool_file = os.path.join(run.work, "pool.jsonl.gz")
-                gi.build(base, run.ckpts, [pool_file], store, cfg, overwrite=True, device="cpu", progress=True)
+            store, _ = pool_store(base, run.ckpts, run.work, grad, spec, progress=True)
             sel = gi.select(store, [t.val_file], None, SelectConfig(method=method, top=n), progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
             losses = [
