@@ -369,14 +369,25 @@ def holdout_targets(pool: Sequence[Example], tok, spec: RunSpec, out: str) -> li
 
 
 def pool_store(
-    base: str, ckpts: Sequence[str], work: str, grad: str, spec: RunSpec, progress: bool
+    base: str,
+    ckpts: Sequence[str],
+    work: str,
+    grad: str,
+    spec: RunSpec,
+    progress: bool,
+    projection: str = "countsketch",
 ) -> tuple[str, bool]:
     """The run's store of ``grad`` gradients (``work/pool-GRAD.gist``) of its pool subsample (``work/pool.jsonl.gz``),
-    built unless a complete one is there; returns its path and whether it was built now."""
-    path = os.path.join(work, f"pool-{grad}.gist")
+    built unless a complete one is there; returns its path and whether it was built now. The committed figures'
+    stores use ``countsketch``; another ``projection`` gets ``work/pool-GRAD-PROJECTION.gist`` (pca: the package
+    defaults, a quarter of the subsample as its sample)."""
+    suffix = "" if projection == "countsketch" else "-" + projection
+    path = os.path.join(work, f"pool-{grad}{suffix}.gist")
     if os.path.isdir(path) and gi.info(path)["state"] == "complete":
         return path, False
-    cfg = BuildConfig(dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype)
+    cfg = BuildConfig(
+        dim=spec.dim, max_length=spec.max_length, gradient=grad, dtype=spec.store_dtype, projection=projection
+    )
     gi.build(
         base, ckpts, [os.path.join(work, "pool.jsonl.gz")], path, cfg, overwrite=True, device="cpu", progress=progress
     )
@@ -579,8 +590,9 @@ def streamed_scores(
 ) -> tuple[dict, dict, dict]:
     """Raw gradients of the pool, streamed (never stored), scored per target exactly (the paper's formula on the
     raw gradients and their exact subspace) and through each projection in ``variants`` (key -> (d, stored
-    dtype): CountSketch with the store's seed; the pool rows unit-normalised and rounded as a store of that dtype
-    keeps them; the validation gradients projected at full precision, as select computes them). Returns (exact
+    dtype): CountSketch with the store's seed; or (d, stored dtype, projector): that projector; the pool rows
+    unit-normalised and rounded as a store of that dtype keeps them; the validation gradients projected at full
+    precision, as select computes them). Returns (exact
     targets, projected targets per key, scores: per target, ``[rows, n_subtasks]`` per (gist variant, key), key
     ``"exact"`` for exact)."""
     from gist_index.extract import CheckpointedModel
@@ -592,7 +604,10 @@ def streamed_scores(
     tok = cm.tokenizer
     ident = IdentityProjector(cm.source_dim)
     seed = BuildConfig().seed
-    projs = {d: make_projector("countsketch", cm.source_dim, d, seed) for d in {d for d, _ in variants.values()}}
+    sketches = {
+        v[0]: make_projector("countsketch", cm.source_dim, v[0], seed) for v in variants.values() if len(v) == 2
+    }
+    projs = {key: v[2] if len(v) > 2 else sketches[v[0]] for key, v in variants.items()}
     n_ck = len(ckpts)
     exact, proj = {}, {}
     for t in targets:
@@ -601,8 +616,8 @@ def streamed_scores(
         enc, subtasks = [enc[i] for i in keep], [t.subtasks[i] for i in keep]
         V = [torch.from_numpy(cm.gradients(enc, c, ident, "sgd", 16)["vectors"]).double() for c in range(n_ck)]
         exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights)
-        pv = {d: [projs[d].project(v.float()).double().numpy() for v in V] for d in projs}
-        proj[t.name] = {key: build_target(pv[d], subtasks, weights) for key, (d, _) in variants.items()}
+        pv = {key: [p.project(v.float()).double().numpy() for v in V] for key, p in projs.items()}
+        proj[t.name] = {key: build_target(pv[key], subtasks, weights) for key in variants}
     enc = [encode(e, tok, spec.max_length) for e in pool]
     N = len(enc)
     acc = {
@@ -613,10 +628,10 @@ def streamed_scores(
     for c in range(n_ck):
         for s in range(0, N, block):
             G = torch.from_numpy(cm.gradients(enc[s : s + block], c, ident, "sgd", 16)["vectors"])
-            Gp = {d: projs[d].project(G) for d in projs}
+            Gp = {id(p): p.project(G) for p in projs.values()}
             Gk = {}
-            for key, (d, dtype) in variants.items():
-                x = Gp[d]
+            for key, (_, dtype, *_) in variants.items():
+                x = Gp[id(projs[key])]
                 if dtype not in ("float32", "float64"):  # as stored: unit rows in that type, read back
                     xd = x.double().numpy()
                     unit = xd / np.maximum(np.linalg.norm(xd, axis=1), 1e-30)[:, None]

@@ -8,10 +8,19 @@ row's direction). At the same bytes, int8 can hold twice the dimension, and the 
 gradients are streamed once; each target's top 5% by the paper's formula on raw gradients is compared with the
 top 5% from CountSketch projections at each d, with the pool rows stored as each type (float32: no rounding).
 
+With ``--projections countsketch pca`` it also measures ``build --projection pca`` at each d: the basis fitted
+(``gist_index.project.fit_basis``) to the raw gradients of the rows ``build`` would sample
+(``--pca-sample``, default 1000 of the 4000-row subsample; the package default, 4096, would be the whole of it),
+rank ``--pca-rank`` (0: d/2, capped by the sample's rank). The rows of the sample lie in the basis, so besides
+the overlap over the whole pool the script reports it over the rows outside the sample (``held_out``: the top
+5% of those rows, exact against projected), which is what a pool much larger than the sample sees.
+
 Reproduce::
 
     python benchmarks/quality.py [options]                     # once (caches everything)
     python benchmarks/quality_fidelity.py [the same options]   # about 3-6 min on 2 cores
+    python benchmarks/quality_fidelity.py [the same options] --dims 8192 --dtypes float16 int8 \
+        --projections countsketch pca --out DIR/quality_fidelity-pca.json     # the pca projection (5-8 min)
 
 Writes benchmarks/results/quality_fidelity[-NAME].json; the last printed line is one JSON object.
 """
@@ -29,6 +38,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.quality import HERE, add_cached_run_args, cached_run, streamed_scores, top_rows  # noqa: E402
+from gist_index.build import pca_sample_rows  # noqa: E402
+from gist_index.config import BuildConfig  # noqa: E402
+from gist_index.data import encode  # noqa: E402
+from gist_index.project import PcaProjector, fit_basis, inner_projector  # noqa: E402
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
@@ -39,30 +52,58 @@ def main(argv=None) -> None:
     add_cached_run_args(ap)
     ap.add_argument("--dims", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="projected dimensions")
     ap.add_argument("--dtypes", nargs="+", default=["float16", "int8"], choices=sorted(BYTES), help="stored types")
+    ap.add_argument("--projections", nargs="+", default=["countsketch"], choices=["countsketch", "pca"])
+    ap.add_argument("--pca-sample", type=int, default=1000, help="pca: pool rows the basis is fitted to")
+    ap.add_argument("--pca-rank", type=int, default=0, help="pca: basis rank (0: d/2, capped by the sample)")
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_fidelity[-holdout].json)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     run = cached_run(args)
     spec, pool, targets = run.spec, run.pool, run.targets
-    variants = {f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes}
     t0 = time.time()
+    variants = {}
+    if "countsketch" in args.projections:
+        variants.update({f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes})
+    sample = pca_sample_rows(len(pool), args.pca_sample, BuildConfig().seed)
+    res: dict = {"n_pool": len(pool), "n_checkpoints": len(run.ckpts), "targets": {}, "mean": {}}
+    if "pca" in args.projections:
+        variants.update(pca_variants(run, sample, args))
+        res["pca"] = {"sample": len(sample), "seconds": round(time.time() - t0, 1)}
     _, _, acc = streamed_scores(run.base, run.ckpts, pool, targets, run.weights, spec, variants, args.progress)
     n = spec.n_select(len(pool))
-    res: dict = {"n_pool": len(pool), "n_select": n, "n_checkpoints": len(run.ckpts), "targets": {}, "mean": {}}
+    held = np.setdiff1d(np.arange(len(pool)), sample)  # rows outside a pca sample
+    n_held = spec.n_select(len(held))
+    res.update(n_select=n, n_held_out=len(held), n_select_held_out=n_held)
+
+    def overlap(a, v, key, rows, k):
+        top = lambda s: set(rows[top_rows(s[rows], k)].tolist())  # noqa: E731
+        return len(top(a[v, key].max(1)) & top(a[v, "exact"].max(1))) / k
+
+    everyone = np.arange(len(pool))
     for t in targets:
         a = acc[t.name]
-        exact = {v: set(top_rows(a[v, "exact"].max(1), n).tolist()) for v in ("gist", "gist-full")}
         res["targets"][t.name] = {
-            key: {v: len(set(top_rows(a[v, key].max(1), n).tolist()) & exact[v]) / n for v in exact} for key in variants
+            key: {
+                **{v: overlap(a, v, key, everyone, n) for v in ("gist", "gist-full")},
+                "gist_held_out": overlap(a, "gist", key, held, n_held),
+            }
+            for key in variants
         }
-    print(f"{'d':>6} {'type':<8} {'bytes/example':>13} {'gist':>6} {'gist-full':>9}   per target (gist)")
-    for key, (d, dt) in variants.items():
+    print(f"{'variant':<18} {'bytes/example':>13} {'gist':>6} {'gist-full':>9} {'held-out':>8}   per target (gist)")
+    for key, (d, dt, *proj) in variants.items():
         per = [res["targets"][t.name][key] for t in targets]
-        mean = {v: float(np.mean([p[v] for p in per])) for v in ("gist", "gist-full")}
-        res["mean"][key] = {"d": d, "dtype": dt, "bytes_per_example": d * BYTES[dt] * len(run.ckpts), **mean}
+        mean = {v: float(np.mean([p[v] for p in per])) for v in ("gist", "gist-full", "gist_held_out")}
+        kind = proj[0].kind if proj else "countsketch"
+        res["mean"][key] = {
+            "d": d,
+            "dtype": dt,
+            "projection": kind,
+            "bytes_per_example": d * BYTES[dt] * len(run.ckpts),
+        }
+        res["mean"][key].update(mean)
         print(
-            f"{d:>6} {dt:<8} {d * BYTES[dt] * len(run.ckpts):>13,} {mean['gist']:>6.3f} {mean['gist-full']:>9.3f}   "
-            + " ".join(f"{p['gist']:.3f}" for p in per)
+            f"{key:<18} {d * BYTES[dt] * len(run.ckpts):>13,} {mean['gist']:>6.3f} {mean['gist-full']:>9.3f} "
+            f"{mean['gist_held_out']:>8.3f}   " + " ".join(f"{p['gist']:.3f}" for p in per)
         )
     res["seconds"] = round(time.time() - t0, 1)
     out = args.out or os.path.join(
@@ -71,7 +112,26 @@ def main(argv=None) -> None:
     with open(out, "w") as fh:
         json.dump(res, fh, indent=1)
     print(f"wrote {out} in {res['seconds']:.0f} s (targets: {', '.join(t.name for t in targets)})")
-    print(json.dumps({k: round(v["gist"], 4) for k, v in res["mean"].items()}))
+    print(json.dumps({k: [round(v["gist"], 4), round(v["gist_held_out"], 4)] for k, v in res["mean"].items()}))
+
+
+def pca_variants(run, sample: np.ndarray, args) -> dict:
+    """``pca-D/TYPE`` -> (d, type, PcaProjector): one basis per d, fitted as ``build --projection pca`` fits it (the
+    unit-normalised gradients of the sampled rows at every checkpoint, through the first stage)."""
+    from gist_index.extract import CheckpointedModel
+
+    cm = CheckpointedModel(run.base, run.ckpts, "cpu")
+    inner = inner_projector(cm.source_dim, BuildConfig().seed)
+    enc = [encode(run.pool[int(r)], cm.tokenizer, run.spec.max_length) for r in sample]
+    enc = [e for e in enc if e.n_label_tokens > 0]
+    grads = np.concatenate([cm.gradients(enc, c, inner, "sgd", 16)["vectors"] for c in range(len(run.ckpts))])
+    out = {}
+    for d in args.dims:
+        basis = fit_basis(grads, min(args.pca_rank or d // 2, d - 1))
+        proj = PcaProjector(cm.source_dim, d, BuildConfig().seed, basis)
+        print(f"pca d={d}: basis rank {proj.rank} from {len(enc)} rows x {len(run.ckpts)} checkpoints", flush=True)
+        out.update({f"pca-{d}/{dt}": (d, dt, proj) for dt in args.dtypes})
+    return out
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ table:
 * ``less-sgd``: LESS's formula on the sgd store;
 * ``gist-rms``: the paper's formula on an ``rms`` store (built here once, as quality.py builds its stores):
   LESS's preconditioning without its momentum term ``0.9 m``, a vector every example shares (in the adam store
-  it dominates: each example's preconditioned gradient is mostly that one direction).
+  it dominates: each example's preconditioned gradient is mostly that one direction);
+* ``gist-pca``: the paper's formula on an sgd store built with ``--projection pca`` (the package's default
+  projection; quality.py's stores are CountSketch): closer to exact GIST at the same d. For the variants that use the
+  paper's formula on the sgd gradients (``gist``, ``gist-pca``) the JSON also holds the selection's overlap with
+  exact GIST's top 5% (``overlap_exact``, from quality.py's fidelity cache of the run).
 
 Reproduce::
 
@@ -32,6 +36,7 @@ Writes the JSON given by ``--out``; the last printed line is one JSON object of 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -63,6 +68,7 @@ VARIANTS = {
     "gist-full-adam": ("gist-full", "adam"),
     "less-sgd": ("less", "sgd"),
     "gist-rms": ("gist", "rms"),
+    "gist-pca": ("gist", "sgd-pca"),
     "gist": ("gist", "sgd"),
     "less": ("less", "adam"),
 }
@@ -134,12 +140,17 @@ def main(argv=None) -> None:
             + "; adam vs its "
             f"momentum term: {g['adam']['mean_cosine_with_momentum_term']:.3f}"
         )
+    exact_top = {}  # exact GIST's top rows per target, from quality.py's fidelity cache of the run
+    for f in glob.glob(os.path.join(run.work, "fidelity3-*.json")):
+        with open(f) as fh:
+            exact_top.update({k: set(v["top_exact"]) for k, v in json.load(fh).items()})
     print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
     for t in run.targets:
         res = out["targets"].setdefault(t.name, {})
         for name in args.variants:
             method, grad = VARIANTS[name]
-            store, _ = pool_store(base, run.ckpts, run.work, grad, spec, progress=True)
+            gradient, _, projection = grad.partition("-")
+            store, _ = pool_store(base, run.ckpts, run.work, gradient, spec, True, projection or "countsketch")
             sel = gi.select(store, [t.val_file], None, SelectConfig(method=method, top=n), progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
             losses = [
@@ -156,10 +167,14 @@ def main(argv=None) -> None:
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
                 "ids": list(sel.ids),
             }
+            if method == "gist" and grad.startswith("sgd") and t.name in exact_top:
+                res[name]["overlap_exact"] = len(set(rows.tolist()) & exact_top[t.name]) / n
             ls = res[name]["loss"]
+            ov = f"  (overlap with exact GIST {res[name]['overlap_exact']:.3f})" if "overlap_exact" in res[name] else ""
             print(
                 f"{t.name:<42} {name:<15} {ls['mean']:>8.3f} ± {ls['std']:.3f}  "
-                + ", ".join(f"{k} {v:.0%}" for v, k in share),
+                + ", ".join(f"{k} {v:.0%}" for v, k in share)
+                + ov,
                 flush=True,
             )
     out["seconds"] = round(time.time() - t0, 1)

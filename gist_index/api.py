@@ -135,6 +135,7 @@ def info(store: str) -> dict:
         "checkpoint_weights": meta.get("weights"),
         "lora": meta["config"]["lora"],
         "projection": meta["config"]["projection"],
+        "pca": meta.get("pca"),  # --projection pca: the fitted basis's rank, sample, held-out energy, digest
         "compute": meta["config"]["compute"],
         "data": [{k: f[k] for k in ("path", "sha256", "rows")} for f in meta.get("data", [])],
         "index_factory": meta.get("summary", {}).get("index_factory"),

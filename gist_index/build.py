@@ -22,11 +22,11 @@ import torch
 
 from .config import BuildConfig
 from .data import Example, check_paths, encode, id_hash, iter_lines, parse_example, parse_line, sha256_file
-from .errors import ConfigError, ConfigMismatchError, DataError, StoreError
+from .errors import ConfigError, ConfigMismatchError, DataError, IncompleteStoreError, StoreError
 from .extract import CheckpointedModel
 from .index import build_index
 from .progress import bar as progress_bar
-from .project import make_projector, projector_from_spec
+from .project import fit_basis, inner_projector, make_projector, projector_from_spec
 from .store import STATUS_OK, STATUS_TRUNCATED, GradientStore, to_stored
 from .train import checkpoint_weights as default_weights
 
@@ -297,14 +297,20 @@ def build_store(
     if cfg.dim >= cm.source_dim:
         log.info("--dim %d is not below the %d LoRA parameters: storing raw gradients (exact)", cfg.dim, cm.source_dim)
         cfg = dataclasses.replace(cfg, dim=0)
-    projector = make_projector(cfg.projection, cm.source_dim, cfg.dim, cfg.seed)
-    config = {"compute": cfg.compute_config(), **cm.fingerprint(), "projection": projector.spec()}
+    if cfg.pca:  # fitted below, once the pool is scanned; the config names its settings, not the fitted basis
+        projector = None
+        spec = {"kind": "pca", "dim": cfg.dim, "seed": cfg.seed, "source_dim": cm.source_dim}
+        spec.update(inner_dim=inner_projector(cm.source_dim, cfg.seed).dim, rank=cfg.resolved_pca_rank)
+    else:
+        projector = make_projector(cfg.projection, cm.source_dim, cfg.dim, cfg.seed)
+        spec = projector.spec()
+    config = {"compute": cfg.compute_config(), **cm.fingerprint(), "projection": spec}
     weights = list(checkpoint_weights) if checkpoint_weights is not None else default_weights(cm.adapters)
     eos = cm.tokenizer.eos_token
     if rank == 0:
         files = describe_files(paths)
         store, to_scan = _open_or_create(
-            out, config, files, cfg, len(adapters), projector.dim, overwrite, append, eos, progress
+            out, config, files, cfg, len(adapters), cfg.dim or cm.source_dim, overwrite, append, eos, progress
         )
         store.set_meta(model=model, adapters=[os.path.abspath(a) for a in cm.adapters], weights=weights, eos=eos)
         index_from = 0
@@ -317,6 +323,8 @@ def build_store(
             scanned = scan_pool(store, to_scan or store.meta["pending"], first, eos, progress)
             store.set_meta(data=committed + scanned, pending=[])
             store.mark_rows_done({"files": len(committed) + len(scanned)})
+        if cfg.pca and store.meta.get("pca") is None:
+            fit_pca(store, cm, cfg, eos, progress)
         done = store.done_chunks()
         n_chars = store.column("n_chars")
         totals = {i: int(n_chars[slice(*store.chunk_range(i))].sum()) for i in range(store.n_chunks) if i not in done}
@@ -325,6 +333,8 @@ def build_store(
     _barrier(world)
     plan = broadcast(plan if rank == 0 else None, world)
     store = GradientStore.open(out, allow_incomplete=True, mode="r+") if rank else store
+    if projector is None:
+        projector = projector_of(store)
     mine = plan[rank]
     n_mine = sum(min(store.n_rows, (i + 1) * store.chunk_rows) - i * store.chunk_rows for i in mine) * len(adapters)
     bar = progress_bar(
@@ -364,5 +374,69 @@ def _finish(store: GradientStore, cfg: BuildConfig, t0: float, progress: bool, i
 
 
 def projector_of(store: GradientStore):
-    """The projector a store was built with."""
-    return projector_from_spec(store.meta["config"]["projection"])
+    """The projector a store was built with (``pca``: with its fitted basis, checked against its digest)."""
+    spec = store.meta["config"]["projection"]
+    if spec["kind"] != "pca":
+        return projector_from_spec(spec)
+    basis = store.pca_basis()
+    if basis is None:
+        raise IncompleteStoreError(f"{store.path}: the pca basis has not been fitted; re-run the build to resume")
+    return projector_from_spec(spec, basis)
+
+
+def pca_sample_rows(n_rows: int, sample: int, seed: int) -> np.ndarray:
+    """The pool rows (sorted) whose gradients a pca basis is fitted to: a seeded uniform sample of ``sample``."""
+    return np.sort(np.random.default_rng(seed).choice(n_rows, min(sample, n_rows), replace=False))
+
+
+def fit_pca(store: GradientStore, cm: CheckpointedModel, cfg: BuildConfig, eos: str, progress: bool) -> np.ndarray:
+    """Rank 0, after the pre-pass: fit the pca basis to the gradients (``cfg.gradient``, every checkpoint,
+    through the projection's first stage) of a seeded sample of the pool (``cfg.pca_sample_for``), and store it.
+
+    With 64 or more sampled examples every 8th is held out of the fit, and the share of its squared norm the
+    basis holds is recorded (``energy_held_out``): the residual the sketch carries is the rest, so below 0.5 a
+    plain CountSketch of the same ``dim`` would be the closer approximation (a warning says so)."""
+    t0 = time.time()
+    rows = pca_sample_rows(store.n_rows, cfg.pca_sample_for(store.n_rows), cfg.seed)
+    enc = []
+    for i, examples in iter_chunk_examples(store, sorted({int(r) // store.chunk_rows for r in rows}), eos):
+        lo, hi = store.chunk_range(i)
+        enc += [encode(examples[int(r) - lo], cm.tokenizer, cfg.max_length) for r in rows[(rows >= lo) & (rows < hi)]]
+    enc = [e for e in enc if e.n_label_tokens > 0]
+    if not enc:
+        raise DataError(f"{store.path}: no sampled pool example has a response within --max-length to fit pca to")
+    inner = inner_projector(cm.source_dim, cfg.seed)
+    n_ck = len(cm.adapters)
+    bar = progress_bar(total=len(enc) * n_ck, desc="pca sample", unit="ex", enabled=progress)
+    grads = [
+        cm.gradients(enc, c, inner, cfg.gradient, cfg.batch_size, cfg.max_tokens, bar.update)["vectors"]
+        for c in range(n_ck)
+    ]
+    bar.close()
+    held = np.zeros(len(enc), bool)
+    if len(enc) >= 64:
+        held[::8] = True
+    basis = fit_basis(np.concatenate([g[~held] for g in grads]), cfg.resolved_pca_rank, device=cm.device)
+    info = {"sample": int((~held).sum()), "held_out": int(held.sum())}
+    if held.any():
+        h = np.concatenate([g[held] for g in grads]).astype(np.float64)
+        norms = np.linalg.norm(h, axis=1)
+        h, norms = h[norms > 0], norms[norms > 0]
+        info["energy_held_out"] = round(float((((h @ basis) ** 2).sum(1) / norms**2).mean()), 4)
+        if info["energy_held_out"] < 0.5:
+            log.warning(
+                "pca basis holds only %.2f of held-out gradients' squared norm: a plain --projection countsketch "
+                "would approximate them more closely at this --dim (or raise --pca-rank / --pca-sample)",
+                info["energy_held_out"],
+            )
+    info["seconds"] = round(time.time() - t0, 2)
+    store.write_pca_basis(basis, info)
+    log.info(
+        "pca basis: rank %d from %d sampled examples x %d checkpoints in %.1f s; held-out energy %s",
+        basis.shape[1],
+        info["sample"],
+        n_ck,
+        time.time() - t0,
+        info.get("energy_held_out", "not measured (fewer than 64 sampled)"),
+    )
+    return basis

@@ -207,7 +207,7 @@ class GradientExtractor:
         and ``loss`` [b]."""
         b = batch.size
         device = batch.input_ids.device
-        out = torch.zeros(b, self.projector.dim, dtype=torch.float32, device=device)
+        out = torch.zeros(b, self.projector.buffer_dim, dtype=torch.float32, device=device)
         sq = torch.zeros(b, dtype=torch.float32, device=device)
         handles = []
 
@@ -236,7 +236,7 @@ class GradientExtractor:
         finally:
             for h in handles:
                 h.remove()
-        return {"vectors": out, "grad_norm": sq.sqrt(), "loss": losses.detach().float()}
+        return {"vectors": self.projector.finish(out), "grad_norm": sq.sqrt(), "loss": losses.detach().float()}
 
 
 def reference_gradients(model, batch: Batch, adam=None, momentum: bool = True) -> torch.Tensor:

@@ -11,11 +11,23 @@ block at a time (``project_into(out, block, offset)``), so a full gradient is ne
   per coordinate.
 * ``gaussian`` and ``rademacher``: dense matrices generated block-wise from the seed (references, and what LESS
   does); O(source_dim x dim) work per example.
+* ``pca``: the pool's own principal directions kept exactly, the rest sketched. ``build`` first computes the
+  gradients of a seeded sample of the pool (``--pca-sample`` rows, every checkpoint, unit-normalised rows;
+  through a CountSketch to ``PCA_INNER_DIM`` coordinates when the adapter has more), and keeps the top ``rank``
+  right singular vectors ``U`` as the basis (stored in the store). A gradient ``x`` is stored as
+  ``[U^T x, CountSketch(x - U U^T x)]`` (``rank + (dim - rank)`` coordinates). Inner products are exact on the
+  basis and the sketch's noise scales with the residual's norm only, not the whole gradient's: where the
+  basis holds most of a gradient's energy (65-75% on the benchmark pools) GIST's top 5% moves much less than
+  under a plain CountSketch of the same ``dim`` (benchmarks/README.md, fidelity).
 * ``identity`` (``--dim 0``): the raw gradient, for small adapters and exactness checks.
+
+Every projector is linear. A projector may accumulate blocks into a wider buffer (``buffer_dim``) and map the
+buffer to its output at the end (``finish``); the others' buffer is the output itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -24,6 +36,7 @@ import torch
 from .errors import ConfigError
 
 _M32 = 0xFFFFFFFF
+PCA_INNER_DIM = 65536  # a pca projector's basis lives in at most this many (sketched) coordinates
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -89,9 +102,19 @@ class Projector(ABC):
         """What identifies this projection (stored in a store's metadata and checked on every query)."""
         return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "source_dim": self.source_dim}
 
+    @property
+    def buffer_dim(self) -> int:
+        """Width of the buffer ``project_into`` accumulates into (``dim`` unless ``finish`` maps it further)."""
+        return self.dim
+
     @abstractmethod
     def project_into(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
-        """Add the projection of coordinates ``offset .. offset+block.shape[1]`` (``block``: [b, n]) to ``out``."""
+        """Add the projection of coordinates ``offset .. offset+block.shape[1]`` (``block``: [b, n]) to ``out``
+        (a ``[b, buffer_dim]`` buffer)."""
+
+    def finish(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Map a filled ``[b, buffer_dim]`` buffer to the ``[b, dim]`` projection (the identity by default)."""
+        return buffer
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """Project whole gradients ``[b, source_dim]`` to ``[b, dim]`` (float32)."""
@@ -99,9 +122,9 @@ class Projector(ABC):
             return self.project(grads[None])[0]
         if grads.shape[1] != self.source_dim:
             raise ConfigError(f"projection expects {self.source_dim} coordinates, got {grads.shape[1]}")
-        out = torch.zeros(grads.shape[0], self.dim, dtype=torch.float32, device=grads.device)
+        out = torch.zeros(grads.shape[0], self.buffer_dim, dtype=torch.float32, device=grads.device)
         self.project_into(out, grads.float(), 0)
-        return out
+        return self.finish(out)
 
 
 class IdentityProjector(Projector):
@@ -188,20 +211,104 @@ class RademacherProjector(_DenseProjector):
         return (torch.randint(0, 2, shape, generator=g).float() * 2 - 1) / self.dim**0.5
 
 
+def inner_projector(source_dim: int, seed: int) -> Projector:
+    """A pca projector's first stage: the raw gradient, or a CountSketch to ``PCA_INNER_DIM`` coordinates."""
+    if source_dim <= PCA_INNER_DIM:
+        return IdentityProjector(source_dim)
+    return CountSketchProjector(source_dim, PCA_INNER_DIM, seed + 1)
+
+
+def basis_digest(basis: np.ndarray) -> str:
+    """What identifies a pca basis: the sha256 of its float32 bytes (16 hex digits)."""
+    return hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest()[:16]
+
+
+def fit_basis(rows: np.ndarray, rank: int, block: int = 8192, device=None) -> np.ndarray:
+    """The top ``rank`` right singular vectors ([n_cols, k] float32, orthonormal columns; k at most the rows'
+    numerical rank) of ``rows`` with each row scaled to unit norm (zero rows dropped). The SVD goes through the
+    ``n_rows x n_rows`` Gram matrix; products in float64, ``block`` columns at a time, on ``device``."""
+    x = torch.as_tensor(np.asarray(rows), dtype=torch.float32, device=device)
+    norms = torch.linalg.vector_norm(x.double(), dim=1)
+    keep = norms > 0
+    if not bool(keep.any()):
+        raise ConfigError("pca projection: every sampled gradient is zero; nothing to fit a basis to")
+    x, scale = x[keep], (1.0 / norms[keep])[:, None]
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
+    for j in range(0, x.shape[1], block):
+        xb = x[:, j : j + block].double() * scale
+        gram += xb @ xb.T
+    w, q = torch.linalg.eigh(gram)
+    w, q = w.flip(0), q.flip(1)
+    k = int(min(rank, (w > w[0] * 1e-10).sum()))
+    coef = q[:, :k] / w[:k].sqrt() * scale
+    basis = torch.empty(x.shape[1], k, dtype=torch.float32, device=x.device)
+    for j in range(0, x.shape[1], block):
+        basis[j : j + block] = (x[:, j : j + block].double().T @ coef).float()
+    return basis.cpu().numpy()
+
+
+class PcaProjector(Projector):
+    """The pool's principal directions exactly, the rest CountSketched (see the module docstring)."""
+
+    kind = "pca"
+
+    def __init__(self, source_dim: int, dim: int, seed: int = 0, basis: np.ndarray | None = None):
+        super().__init__(source_dim, dim, seed)
+        self.inner = inner_projector(source_dim, seed)
+        if basis is None or basis.ndim != 2 or basis.shape[0] != self.inner.dim:
+            shape = None if basis is None else tuple(basis.shape)
+            raise ConfigError(f"pca projection: the basis must be [{self.inner.dim}, rank], got {shape}")
+        if not 0 < basis.shape[1] < dim:
+            raise ConfigError(f"pca projection: rank {basis.shape[1]} must be in [1, {dim - 1}] for --dim {dim}")
+        self.basis_np = np.ascontiguousarray(basis, np.float32)
+        self.rank = int(basis.shape[1])
+        self.residual = CountSketchProjector(self.inner.dim, dim - self.rank, seed)
+        self._basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def spec(self) -> dict:
+        """The settings and the basis's digest (the basis itself lives in the store)."""
+        return {**super().spec(), "rank": self.rank, "inner_dim": self.inner.dim, "basis": basis_digest(self.basis_np)}
+
+    @property
+    def buffer_dim(self) -> int:
+        """The first stage's width: the raw gradient, or its sketch to ``PCA_INNER_DIM``."""
+        return self.inner.dim
+
+    def project_into(self, out, block, offset):
+        """The first stage: copy or sketch the block into the buffer."""
+        self.inner.project_into(out, block, offset)
+
+    def finish(self, buffer: torch.Tensor) -> torch.Tensor:
+        """``[U^T x, CountSketch(x - U U^T x)]``, the second part as ``CountSketch(x) - CountSketch(U) U^T x``
+        (one product with ``U`` per example, not two)."""
+        key = str(buffer.device)
+        if key not in self._basis:
+            u = torch.from_numpy(self.basis_np).to(buffer.device)
+            self._basis[key] = (u, self.residual.project(u.T.contiguous()))  # [inner, k], [k, dim - k]
+        u, su = self._basis[key]
+        x = buffer.float()
+        coords = x @ u
+        rest = torch.zeros(x.shape[0], self.residual.dim, dtype=torch.float32, device=x.device)
+        self.residual.project_into(rest, x, 0)
+        return torch.cat([coords, rest - coords @ su], dim=1)
+
+
 PROJECTORS = {
     cls.kind: cls for cls in (IdentityProjector, CountSketchProjector, GaussianProjector, RademacherProjector)
 }
 
 
-def make_projector(kind: str, source_dim: int, dim: int, seed: int = 0) -> Projector:
-    """Build a projector by name; ``dim == 0`` always means identity."""
+def make_projector(kind: str, source_dim: int, dim: int, seed: int = 0, basis: np.ndarray | None = None) -> Projector:
+    """Build a projector by name; ``dim == 0`` always means identity; ``pca`` needs its fitted ``basis``."""
     if dim == 0 or kind == "identity":
         return IdentityProjector(source_dim)
+    if kind == "pca":
+        return PcaProjector(source_dim, dim, seed, basis)
     if kind not in PROJECTORS:
-        raise ConfigError(f"unknown projection {kind!r} (choose from {', '.join(sorted(PROJECTORS))})")
+        raise ConfigError(f"unknown projection {kind!r} (choose from {', '.join(sorted([*PROJECTORS, 'pca']))})")
     return PROJECTORS[kind](source_dim, dim, seed)
 
 
-def projector_from_spec(spec: dict) -> Projector:
-    """Rebuild the projector a store was built with."""
-    return make_projector(spec["kind"], spec["source_dim"], spec["dim"], spec["seed"])
+def projector_from_spec(spec: dict, basis: np.ndarray | None = None) -> Projector:
+    """Rebuild the projector a store was built with (``pca``: with the store's basis)."""
+    return make_projector(spec["kind"], spec["source_dim"], spec["dim"], spec["seed"], basis)

@@ -13,6 +13,8 @@ Layout of ``STORE/``::
     manifest/rows.json        the pre-pass (ids, sources, lengths) is complete
     manifest/chunk-<i>.json   chunk i is complete: its rows and the SHA-256 of every file of the chunk
     faiss/index.faiss         the persistent FAISS index (written when the build finalises)
+    pca_basis                 [inner_dim, rank] float32, only with ``--projection pca``: the fitted basis; its
+                              digest, rank and sample size are in the metadata (``pca``)
 
 A manifest entry is written (atomically, after the chunk's files are fsync'ed) only once all of a chunk's data
 are durable, so a build killed at any moment resumes from the complete chunks. Readers refuse a store whose state
@@ -233,6 +235,38 @@ class GradientStore:
     def chunk_range(self, i: int) -> tuple[int, int]:
         """Rows [start, stop) of chunk ``i``."""
         return i * self.chunk_rows, min(self.n_rows, (i + 1) * self.chunk_rows)
+
+    # -- the pca projection's basis ------------------------------------------------------------------------
+    def write_pca_basis(self, basis: np.ndarray, info: dict) -> None:
+        """Store the fitted pca basis ([inner_dim, rank] float32), then record its digest and ``info`` in the
+        metadata (a basis without its metadata entry counts as absent and is fitted again)."""
+        from .project import basis_digest
+
+        basis = np.ascontiguousarray(basis, np.float32)
+        arr = self.group.create_array(
+            "pca_basis",
+            shape=basis.shape,
+            chunks=(min(len(basis), 4096), basis.shape[1]),
+            dtype="float32",
+            compressors=[Crc32cCodec()],
+            overwrite=True,
+        )
+        arr[:] = basis
+        self._set_meta(pca={**info, "rank": int(basis.shape[1]), "digest": basis_digest(basis)})
+
+    def pca_basis(self) -> np.ndarray | None:
+        """The pca basis, checked against its digest; None when none has been fitted."""
+        from .project import basis_digest
+
+        info = self.meta.get("pca")
+        if info is None:
+            return None
+        if "pca_basis" not in self.group:
+            raise CorruptStoreError(f"{self.path}: the pca basis (array pca_basis) is missing")
+        basis = np.asarray(self.group["pca_basis"][:], np.float32)
+        if basis_digest(basis) != info["digest"]:
+            raise CorruptStoreError(f"{self.path}: the pca basis does not match its digest {info['digest']}")
+        return basis
 
     # -- the row arrays (pre-pass) ------------------------------------------------------------------------
     def _arrays(self) -> list[str]:
@@ -533,6 +567,12 @@ class GradientStore:
             summary = self.meta.get("summary", {})
             if summary.get("n_with_gradient") not in (None, int((status == STATUS_OK).sum())):
                 problems.append("the summary's count of examples with a gradient does not match the status column")
+        if self.meta.get("config", {}).get("projection", {}).get("kind") == "pca":
+            try:
+                if self.pca_basis() is None:
+                    problems.append("the pca basis has not been fitted")
+            except CorruptStoreError as exc:
+                problems.append(str(exc).split(": ", 1)[1])
         digest = self.meta.get("summary", {}).get("index_sha256")
         index_file = os.path.join(self.path, "faiss", "index.faiss")
         if digest and (not os.path.isfile(index_file) or sha256_file(index_file) != digest):

@@ -3,6 +3,7 @@ updated, and a duplicate id is refused without touching the store."""
 
 import numpy as np
 import pytest
+import torch
 
 from gist_index import BuildConfig, build, verify
 from gist_index.errors import DataError, StoreError
@@ -11,7 +12,9 @@ from gist_index.store import GradientStore
 
 from conftest import make_records, write_jsonl
 
-CFG = BuildConfig(dim=32, max_length=96, batch_size=4, chunk_rows=8)
+# countsketch: a data-independent projection, so appending equals building everything at once byte for byte; a
+# pca store keeps the basis fitted to its first data (test_append_to_a_pca_store_keeps_its_basis)
+CFG = BuildConfig(dim=32, max_length=96, batch_size=4, chunk_rows=8, projection="countsketch")
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +25,33 @@ def files(tmp_path_factory):
     dup = make_records(5, seed=43)
     dup[3]["id"] = "ex-41-6"  # also in a.jsonl, line 7
     return a, b, write_jsonl(d / "dup.jsonl", dup)
+
+
+def test_append_to_a_pca_store_keeps_its_basis(tmp_path, tiny_model_dir, tiny_adapters, files):
+    """Appended rows are projected with the basis fitted at the first build (it is not refitted): they equal
+    that projection of the appended examples' unprojected gradients."""
+    from gist_index.build import projector_of
+    from gist_index.data import encode, read_examples
+    from gist_index.extract import CheckpointedModel
+    from gist_index.project import IdentityProjector
+
+    a, b, _ = files
+    cfg = BuildConfig(dim=32, max_length=96, batch_size=4, chunk_rows=8, projection="pca", pca_sample=20)
+    grown = str(tmp_path / "grown.gist")
+    build(tiny_model_dir, tiny_adapters, [a], grown, cfg, progress=False)
+    before = GradientStore.open(grown).pca_basis()
+    build(tiny_model_dir, tiny_adapters, [b], grown, cfg, append=True, progress=False)
+    g = GradientStore.open(grown)
+    np.testing.assert_array_equal(g.pca_basis(), before)
+    assert verify(grown) == []
+    cm = CheckpointedModel(tiny_model_dir, tiny_adapters, device="cpu")
+    enc = [encode(e, cm.tokenizer, 96) for e in read_examples(b)]
+    p = projector_of(g)
+    for c in range(2):
+        raw = cm.gradients(enc, c, IdentityProjector(cm.source_dim))["vectors"]
+        want = p.project(torch.from_numpy(raw)).numpy()
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(g.vectors(c, 20, 35), want, atol=2e-2)  # int8 rows
 
 
 def test_append_equals_building_everything_at_once(tmp_path, tiny_model_dir, tiny_adapters, files):

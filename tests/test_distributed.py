@@ -108,6 +108,22 @@ def test_two_rank_build_and_select_equal_one_rank(tmp_path, tiny_model_dir, tiny
     assert r1 == [json.loads(line)["id"] for line in open(tmp_path / "two-rr.jsonl")] and len(r1) == len(r2)
 
 
+@pytest.mark.slow
+def test_two_rank_pca_build_equals_one_rank(tmp_path, tiny_model_dir, tiny_adapters, uneven_pool):
+    """Rank 0 fits the pca basis between the pre-pass and the chunks; every rank then projects with it."""
+    common = ["--model", tiny_model_dir, "--adapter", *tiny_adapters, "--data", uneven_pool, "--dim", "64"]
+    common += ["--projection", "pca", "--pca-rank", "24", "--pca-sample", "30", "--max-length", "96"]
+    common += ["--chunk-rows", "8", "--batch-size", "4", "--no-progress"]
+    one, two = str(tmp_path / "one.gist"), str(tmp_path / "two.gist")
+    gist("build", *common, "--out", one)
+    gist("build", *common, "--out", two, nproc=2)
+    a, b = GradientStore.open(one), GradientStore.open(two)
+    assert a.meta["pca"] == {**b.meta["pca"], "seconds": a.meta["pca"]["seconds"]} and a.meta["pca"]["rank"] == 24
+    np.testing.assert_array_equal(a.pca_basis(), b.pca_basis())
+    for c in range(2):
+        np.testing.assert_array_equal(a.vectors(c, 0, a.n_rows), b.vectors(c, 0, b.n_rows))
+
+
 def test_chunks_are_shared_out_by_characters():
     from gist_index.build import assign_chunks
 

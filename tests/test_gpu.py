@@ -40,3 +40,23 @@ def test_gpu_scan_equals_cpu_scan():
         a = Scorer(target, method, "cpu").score([x])[0]
         b = Scorer(target, method, "cuda").score([x])[0].cpu()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_pca_build_equals_cpu_build(tiny_model_dir, tiny_adapters, pool_file, tmp_path):
+    """The pca basis is fitted on the build's device; on the GPU it spans the same subspace and the stored rows
+    agree with the CPU build's."""
+    from gist_index import BuildConfig, build
+    from gist_index.store import GradientStore
+
+    cfg = BuildConfig(dim=64, projection="pca", pca_rank=16, pca_sample=30, dtype="float32", max_length=96)
+    stores = {}
+    for dev in ("cpu", "cuda"):
+        out = str(tmp_path / f"{dev}.gist")
+        build(tiny_model_dir, tiny_adapters, [pool_file], out, cfg, device=dev, progress=False)
+        stores[dev] = GradientStore.open(out)
+    a, b = (stores[d].pca_basis().astype(np.float64) for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-3)
+    for c in range(2):
+        x, y = (stores[d].vectors(c, 0, stores[d].n_rows) for d in ("cpu", "cuda"))
+        # the same subspace, but each singular vector's sign may differ: compare the rows' Gram matrices
+        np.testing.assert_allclose(x @ x.T, y @ y.T, atol=1e-3)
