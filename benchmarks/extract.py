@@ -106,6 +106,7 @@ class Methods:
     """The three methods on one loaded model, so that they can be timed side by side."""
 
     def __init__(self, device: str):
+        from gist_index.config import BuildConfig
         from gist_index.extract import CheckpointedModel
         from gist_index.project import CountSketchProjector, PcaProjector, RademacherProjector, inner_projector
 
@@ -114,9 +115,9 @@ class Methods:
         self.cm = CheckpointedModel(model_dir, [adapter_dir], device=device)
         self.countsketch = CountSketchProjector(self.cm.source_dim, DIM, seed=0)
         self.rademacher = RademacherProjector(self.cm.source_dim, DIM, seed=0)
-        # build's default projection at its default rank (DIM/2); the cost does not depend on the basis's values
-        inner = inner_projector(self.cm.source_dim, 0).dim
-        basis = torch.randn(inner, DIM // 2, generator=torch.Generator().manual_seed(0)) / inner**0.5
+        # build's default projection at its default rank (DIM/4); the cost does not depend on the basis's values
+        inner, rank = inner_projector(self.cm.source_dim, 0).dim, BuildConfig(dim=DIM).resolved_pca_rank
+        basis = torch.randn(inner, rank, generator=torch.Generator().manual_seed(0)) / inner**0.5
         self.pca = PcaProjector(self.cm.source_dim, DIM, 0, basis.numpy())
         self.params = [p.module.weight for p in self.cm.params]
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)

@@ -9,11 +9,11 @@ gradients are streamed once; each target's top 5% by the paper's formula on raw 
 top 5% from CountSketch projections at each d, with the pool rows stored as each type (float32: no rounding).
 
 With ``--projections countsketch pca`` it also measures ``build --projection pca`` at each d: the basis fitted
-(``gist_index.project.fit_basis``) to the raw gradients of the rows ``build`` would sample
-(``--pca-sample``, default 1000 of the 4000-row subsample; the package default, 4096, would be the whole of it),
-rank ``--pca-rank`` (0: d/2, capped by the sample's rank). The rows of the sample lie in the basis, so besides
-the overlap over the whole pool the script reports it over the rows outside the sample (``held_out``: the top
-5% of those rows, exact against projected), which is what a pool much larger than the sample sees.
+(``gist_index.project.fit_basis``) to the raw gradients of the rows ``build`` samples (``--pca-sample``, default
+1000: a quarter of the 4000-row subsample, as build's default), rank ``--pca-rank`` (0: d/4, build's default),
+capped by the sample's rank. The rows of the sample lie in the basis, so besides the overlap over the whole pool
+the script reports it over the rows outside the sample (``held_out``: the top 5% of those rows, exact against
+projected), which is what a pool much larger than the sample sees.
 
 Reproduce::
 
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float16", "int8"], choices=sorted(BYTES), help="stored types")
     ap.add_argument("--projections", nargs="+", default=["countsketch"], choices=["countsketch", "pca"])
     ap.add_argument("--pca-sample", type=int, default=1000, help="pca: pool rows the basis is fitted to")
-    ap.add_argument("--pca-rank", type=int, default=0, help="pca: basis rank (0: d/2, capped by the sample)")
+    ap.add_argument("--pca-rank", type=int, default=0, help="pca: basis rank (0: d/4, capped by the sample)")
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_fidelity[-holdout].json)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -127,7 +127,7 @@ def pca_variants(run, sample: np.ndarray, args) -> dict:
     grads = np.concatenate([cm.gradients(enc, c, inner, "sgd", 16)["vectors"] for c in range(len(run.ckpts))])
     out = {}
     for d in args.dims:
-        basis = fit_basis(grads, min(args.pca_rank or d // 2, d - 1))
+        basis = fit_basis(grads, min(args.pca_rank or max(1, d // 4), d - 1))
         proj = PcaProjector(cm.source_dim, d, BuildConfig().seed, basis)
         print(f"pca d={d}: basis rank {proj.rank} from {len(enc)} rows x {len(run.ckpts)} checkpoints", flush=True)
         out.update({f"pca-{d}/{dt}": (d, dt, proj) for dt in args.dtypes})

@@ -419,10 +419,11 @@ def fit_pca(store: GradientStore, cm: CheckpointedModel, cfg: BuildConfig, eos: 
     basis = fit_basis(np.concatenate([g[~held] for g in grads]), cfg.resolved_pca_rank, device=cm.device)
     info = {"sample": int((~held).sum()), "held_out": int(held.sum())}
     if held.any():
-        h = np.concatenate([g[held] for g in grads]).astype(np.float64)
-        norms = np.linalg.norm(h, axis=1)
+        h = torch.from_numpy(np.concatenate([g[held] for g in grads])).to(cm.device)
+        norms = torch.linalg.vector_norm(h, dim=1)
         h, norms = h[norms > 0], norms[norms > 0]
-        info["energy_held_out"] = round(float((((h @ basis) ** 2).sum(1) / norms**2).mean()), 4)
+        inside = torch.linalg.vector_norm(h @ torch.from_numpy(basis).to(cm.device), dim=1)
+        info["energy_held_out"] = round(float((inside**2 / norms**2).mean()), 4)
         if info["energy_held_out"] < 0.5:
             log.warning(
                 "pca basis holds only %.2f of held-out gradients' squared norm: a plain --projection countsketch "

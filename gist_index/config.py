@@ -70,7 +70,7 @@ class BuildConfig:
         "rest CountSketched; closest to exact GIST at a given --dim, for one extra pass over the sample), "
         "countsketch (sparse, no fitting), gaussian, rademacher (dense)",
     )
-    pca_rank: int = opt(0, "pca: principal directions kept exactly (0: half of --dim)")
+    pca_rank: int = opt(0, "pca: principal directions kept exactly (0: a quarter of --dim)")
     pca_sample: int = opt(
         0,
         "pca: pool examples whose gradients (at every checkpoint) the basis is fitted to (0: a quarter of the pool, "
@@ -106,7 +106,7 @@ class BuildConfig:
             raise ConfigError(f"pca-sample must be >= 0, got {self.pca_sample}")
         if self.pca_rank < 0 or (self.dim and self.pca_rank >= self.dim):
             raise ConfigError(f"pca-rank must be in [0, dim), got {self.pca_rank} with dim {self.dim}")
-        if self.projection == "pca" and self.dim == 1:
+        if self.projection == "pca" and 0 < self.dim < 2:
             raise ConfigError("projection pca needs dim >= 2 (its basis and the sketch of the rest)")
         _choice("dtype", self.dtype, ("auto", "float16", "float32", "int8"))
         _choice("model-dtype", self.model_dtype, ("float32", "bfloat16"))
@@ -128,7 +128,7 @@ class BuildConfig:
     @property
     def resolved_pca_rank(self) -> int:
         """The pca basis's rank at most (it is also capped by the sample's numerical rank)."""
-        return self.pca_rank or max(1, self.dim // 2)
+        return self.pca_rank or max(1, self.dim // 4)
 
     def pca_sample_for(self, n_rows: int) -> int:
         """The pca sample's size for a pool of ``n_rows``: ``pca_sample``, or (0) a quarter of it, at most 4096."""

@@ -85,7 +85,7 @@ def test_pca_settings_are_checked():
         BuildConfig(projection="pca", dim=64, pca_rank=64)
     with pytest.raises(ConfigError, match="pca-sample"):
         BuildConfig(projection="pca", pca_sample=-1)
-    assert BuildConfig(projection="pca", dim=64).resolved_pca_rank == 32
+    assert BuildConfig(projection="pca", dim=64).resolved_pca_rank == 16
     auto = BuildConfig(projection="pca")
     assert [auto.pca_sample_for(n) for n in (3, 40, 4000, 10**6)] == [1, 10, 1000, 4096]
     assert BuildConfig(projection="pca", pca_sample=1000).pca_sample_for(40) == 40

@@ -32,10 +32,10 @@ def test_reopen_reads_metadata_and_vectors(store, tiny_model_dir, pool_file):
     assert s.meta["format_version"] == 1 and s.meta["state"] == "complete"
     assert s.n_rows == 40 and s.dim == 64 and s.n_checkpoints == 2
     cfg = s.meta["config"]
-    D = cfg["source_dim"]  # the default projection: pca, rank dim/2, its first stage the raw gradient (D < 65536)
-    assert cfg["projection"] == {"kind": "pca", "dim": 64, "seed": 5, "source_dim": D, "inner_dim": D, "rank": 32}
-    # fitted to a quarter of the 40 rows at 2 checkpoints: rank 20, below the 32 asked for
-    assert s.meta["pca"]["sample"] == 10 and s.pca_basis().shape == (D, 20) and s.meta["pca"]["rank"] == 20
+    D = cfg["source_dim"]  # the default projection: pca, rank dim/4, its first stage the raw gradient (D < 65536)
+    assert cfg["projection"] == {"kind": "pca", "dim": 64, "seed": 5, "source_dim": D, "inner_dim": D, "rank": 16}
+    # fitted to a quarter of the 40 rows (10) at 2 checkpoints: 20 gradients, enough for rank 16
+    assert s.meta["pca"]["sample"] == 10 and s.pca_basis().shape == (D, 16) and s.meta["pca"]["rank"] == 16
     assert cfg["compute"]["max_length"] == 128 and cfg["lora"]["r"] == 4
     assert cfg["model"]["hash"] and len(cfg["adapters"]) == 2
     assert s.meta["data"][0]["sha256"] and s.meta["data"][0]["rows"] == [0, 40]
