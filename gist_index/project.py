@@ -284,7 +284,10 @@ class PcaProjector(Projector):
         key = str(buffer.device)
         if key not in self._basis:
             u = torch.from_numpy(self.basis_np).to(buffer.device)
-            self._basis[key] = (u, self.residual.project(u.T.contiguous()))  # [inner, k], [k, dim - k]
+            bucket, sign = self.residual._hashes(0, self.inner.dim, buffer.device)
+            su = torch.zeros(self.residual.dim, self.rank, dtype=torch.float32, device=buffer.device)
+            su.index_add_(0, bucket, u * sign[:, None])  # CountSketch of U's columns, row by row of U
+            self._basis[key] = (u, su.T.contiguous())  # [inner, k], [k, dim - k]
         u, su = self._basis[key]
         x = buffer.float()
         coords = x @ u
