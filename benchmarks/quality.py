@@ -592,9 +592,8 @@ def streamed_scores(
     raw gradients and their exact subspace) and through each projection in ``variants`` (key -> (d, stored
     dtype): CountSketch with the store's seed; or (d, stored dtype, projector): that projector; the pool rows
     unit-normalised and rounded as a store of that dtype keeps them; the validation gradients projected at full
-    precision, as select computes them). Returns (exact
-    targets, projected targets per key, scores: per target, ``[rows, n_subtasks]`` per (gist variant, key), key
-    ``"exact"`` for exact)."""
+    precision, as select computes them). Returns (exact targets, projected targets per key, scores: per target,
+    ``[rows, n_subtasks]`` per (gist variant, key), key ``"exact"`` for exact)."""
     from gist_index.extract import CheckpointedModel
     from gist_index.project import IdentityProjector, make_projector
     from gist_index.store import to_stored, unit_rows
