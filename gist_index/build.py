@@ -373,15 +373,27 @@ def _finish(store: GradientStore, cfg: BuildConfig, t0: float, progress: bool, i
     store.finalize(summary)
 
 
+_PCA_PROJECTORS: dict[tuple[str, str], object] = {}  # (store path, basis digest) -> projector, most recent 2
+
+
 def projector_of(store: GradientStore):
-    """The projector a store was built with (``pca``: with its fitted basis, checked against its digest)."""
+    """The projector a store was built with (``pca``: with its fitted basis, checked against its digest). A pca
+    projector is kept for the process's next query of the same store and basis (reading and checking a basis of
+    up to 0.5 GB is most of a small store's query time)."""
     spec = store.meta["config"]["projection"]
     if spec["kind"] != "pca":
         return projector_from_spec(spec)
+    key = (os.path.abspath(store.path), (store.meta.get("pca") or {}).get("digest", ""))
+    if key in _PCA_PROJECTORS:
+        return _PCA_PROJECTORS[key]
     basis = store.pca_basis()
     if basis is None:
         raise IncompleteStoreError(f"{store.path}: the pca basis has not been fitted; re-run the build to resume")
-    return projector_from_spec(spec, basis)
+    projector = projector_from_spec(spec, basis)
+    while len(_PCA_PROJECTORS) >= 2:
+        _PCA_PROJECTORS.pop(next(iter(_PCA_PROJECTORS)))
+    _PCA_PROJECTORS[key] = projector
+    return projector
 
 
 def pca_sample_rows(n_rows: int, sample: int, seed: int) -> np.ndarray:

@@ -205,3 +205,21 @@ def test_held_out_energy_is_measured_and_a_weak_basis_warns(tiny_model_dir, tiny
     share = (np.linalg.norm(G @ B, axis=1) ** 2 / np.linalg.norm(G, axis=1) ** 2).mean()
     assert info["energy_held_out"] == pytest.approx(share, abs=1e-3)
     assert 0.05 < share < 0.999
+
+
+def test_a_process_reads_a_stores_basis_once_per_digest(pca_store, monkeypatch):
+    """Repeated queries in one process reuse the projector (the basis is not read again); another basis, at the
+    same path, is."""
+    out = pca_store[0]
+    first = projector_of(GradientStore.open(out))
+
+    def no_read(self):
+        raise AssertionError("the basis was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(GradientStore, "pca_basis", no_read)
+        assert projector_of(GradientStore.open(out)) is first
+    store = GradientStore.open(out)
+    store.meta = {**store.meta, "pca": {**store.meta["pca"], "digest": "0" * 16}}  # as if rebuilt
+    with pytest.raises(CorruptStoreError, match="digest"):
+        projector_of(store)
