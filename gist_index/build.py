@@ -26,7 +26,7 @@ from .errors import ConfigError, ConfigMismatchError, DataError, IncompleteStore
 from .extract import CheckpointedModel
 from .index import build_index
 from .progress import bar as progress_bar
-from .project import fit_basis, inner_projector, make_projector, projector_from_spec
+from .project import fit_basis, inner_projector, make_projector, pca_spec, projector_from_spec
 from .store import STATUS_OK, STATUS_TRUNCATED, GradientStore, to_stored
 from .train import checkpoint_weights as default_weights
 
@@ -297,10 +297,9 @@ def build_store(
     if cfg.dim >= cm.source_dim:
         log.info("--dim %d is not below the %d LoRA parameters: storing raw gradients (exact)", cfg.dim, cm.source_dim)
         cfg = dataclasses.replace(cfg, dim=0)
-    if cfg.pca:  # fitted below, once the pool is scanned; the config names its settings, not the fitted basis
+    if cfg.pca:  # fitted below, once the pool is scanned; the config names its settings (the rank asked for)
         projector = None
-        spec = {"kind": "pca", "dim": cfg.dim, "seed": cfg.seed, "source_dim": cm.source_dim}
-        spec.update(inner_dim=inner_projector(cm.source_dim, cfg.seed).dim, rank=cfg.resolved_pca_rank)
+        spec = pca_spec(cm.source_dim, cfg.dim, cfg.seed, cfg.resolved_pca_rank)
     else:
         projector = make_projector(cfg.projection, cm.source_dim, cfg.dim, cfg.seed)
         spec = projector.spec()

@@ -218,6 +218,12 @@ def inner_projector(source_dim: int, seed: int) -> Projector:
     return CountSketchProjector(source_dim, PCA_INNER_DIM, seed + 1)
 
 
+def pca_spec(source_dim: int, dim: int, seed: int, rank: int) -> dict:
+    """What identifies a pca projection's settings (its fitted basis is identified by its digest, in the store)."""
+    inner = inner_projector(source_dim, seed).dim
+    return {"kind": "pca", "dim": dim, "seed": seed, "source_dim": source_dim, "inner_dim": inner, "rank": rank}
+
+
 def basis_digest(basis: np.ndarray) -> str:
     """What identifies a pca basis: the sha256 of its float32 bytes (16 hex digits)."""
     return hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest()[:16]
@@ -266,8 +272,8 @@ class PcaProjector(Projector):
         self._basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def spec(self) -> dict:
-        """The settings and the basis's digest (the basis itself lives in the store)."""
-        return {**super().spec(), "rank": self.rank, "inner_dim": self.inner.dim, "basis": basis_digest(self.basis_np)}
+        """The settings, with the fitted basis's rank (the basis and its digest live in the store)."""
+        return pca_spec(self.source_dim, self.dim, self.seed, self.rank)
 
     @property
     def buffer_dim(self) -> int:
