@@ -587,13 +587,15 @@ def streamed_scores(
     variants: dict,
     progress: bool,
     block: int = 256,
+    energy: float = 0.9,
 ) -> tuple[dict, dict, dict]:
     """Raw gradients of the pool, streamed (never stored), scored per target exactly (the paper's formula on the
     raw gradients and their exact subspace) and through each projection in ``variants`` (key -> (d, stored
     dtype): CountSketch with the store's seed; or (d, stored dtype, projector): that projector; the pool rows
     unit-normalised and rounded as a store of that dtype keeps them; the validation gradients projected at full
-    precision, as select computes them). Returns (exact targets, projected targets per key, scores: per target,
-    ``[rows, n_subtasks]`` per (gist variant, key), key ``"exact"`` for exact)."""
+    precision, as select computes them; the rank k from ``energy``, as ``select --energy``). Returns (exact targets,
+    projected targets per key, scores: per target, ``[rows, n_subtasks]`` per (gist variant, key), key ``"exact"``
+    for exact)."""
     from gist_index.extract import CheckpointedModel
     from gist_index.project import IdentityProjector, make_projector
     from gist_index.store import to_stored, unit_rows
@@ -614,9 +616,9 @@ def streamed_scores(
         keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]  # as gist_index.select does
         enc, subtasks = [enc[i] for i in keep], [t.subtasks[i] for i in keep]
         V = [torch.from_numpy(cm.gradients(enc, c, ident, "sgd", 16)["vectors"]).double() for c in range(n_ck)]
-        exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights)
+        exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights, energy=energy)
         pv = {key: [p.project(v.float()).double().numpy() for v in V] for key, p in projs.items()}
-        proj[t.name] = {key: build_target(pv[key], subtasks, weights) for key in variants}
+        proj[t.name] = {key: build_target(pv[key], subtasks, weights, energy=energy) for key in variants}
     enc = [encode(e, tok, spec.max_length) for e in pool]
     N = len(enc)
     acc = {

@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--projections", nargs="+", default=["countsketch"], choices=["countsketch", "pca"])
     ap.add_argument("--pca-sample", type=int, default=1000, help="pca: pool rows the basis is fitted to")
     ap.add_argument("--pca-rank", type=int, default=0, help="pca: basis rank (0: d/4, capped by the sample)")
+    ap.add_argument("--energy", type=float, default=0.9, help="the subspace's share of energy (select --energy)")
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_fidelity[-holdout].json)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -65,11 +66,13 @@ def main(argv=None) -> None:
     if "countsketch" in args.projections:
         variants.update({f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes})
     sample = pca_sample_rows(len(pool), args.pca_sample, BuildConfig().seed)
-    res: dict = {"n_pool": len(pool), "n_checkpoints": len(run.ckpts), "targets": {}, "mean": {}}
+    res: dict = {"n_pool": len(pool), "n_checkpoints": len(run.ckpts), "energy": args.energy, "targets": {}, "mean": {}}
     if "pca" in args.projections:
         variants.update(pca_variants(run, sample, args))
         res["pca"] = {"sample": len(sample), "seconds": round(time.time() - t0, 1)}
-    _, _, acc = streamed_scores(run.base, run.ckpts, pool, targets, run.weights, spec, variants, args.progress)
+    _, _, acc = streamed_scores(
+        run.base, run.ckpts, pool, targets, run.weights, spec, variants, args.progress, energy=args.energy
+    )
     n = spec.n_select(len(pool))
     held = np.setdiff1d(np.arange(len(pool)), sample)  # rows outside a pca sample
     n_held = spec.n_select(len(held))
