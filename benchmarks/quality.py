@@ -54,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import gist_index as gi  # noqa: E402
-from gist_index.config import BuildConfig, LoraConfig, SelectConfig, TrainConfig  # noqa: E402
+from gist_index.config import DEFAULT_ENERGY, BuildConfig, LoraConfig, SelectConfig, TrainConfig  # noqa: E402
 from gist_index.data import Example, encode, id_hash, read_examples  # noqa: E402
 from gist_index.model import load_base_model, load_tokenizer, make_llama, save_model, train_tokenizer  # noqa: E402
 from gist_index.progress import bar as progress_bar  # noqa: E402
@@ -587,7 +587,7 @@ def streamed_scores(
     variants: dict,
     progress: bool,
     block: int = 256,
-    energy: float = 0.9,
+    energy: float = DEFAULT_ENERGY,
 ) -> tuple[dict, dict, dict]:
     """Raw gradients of the pool, streamed (never stored), scored per target exactly (the paper's formula on the
     raw gradients and their exact subspace) and through each projection in ``variants`` (key -> (d, stored
@@ -1116,8 +1116,12 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
             selections[t.name]["bm25"] = top_rows(bm25_scores(retriever, t.val), n_select)
 
     with timer.stage("fidelity (raw gradients, streamed)"):
+        # the rank rule of select's default, as the gist column uses it; runs before the default became every
+        # direction (energy 1) cached their fidelity at 0.9 under the plain name
+        energy = SelectConfig().energy
+        prefix = "fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-"
         fid_file = os.path.join(
-            work, "fidelity3-" + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
+            work, prefix + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
         )
         if os.path.isfile(fid_file):
             with open(fid_file) as fh:
@@ -1129,7 +1133,9 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
             reused.append("fidelity")
         else:
             variants = {d: (d, "float32") for d in spec.dims}
-            streamed = streamed_scores(base, ckpts, pool, targets, weights, spec, variants, args.progress)
+            streamed = streamed_scores(
+                base, ckpts, pool, targets, weights, spec, variants, args.progress, energy=energy
+            )
             fid = fidelity(streamed, targets, spec, len(pool))
             with open(fid_file, "w") as fh:
                 json.dump({n: {**f, "top_exact": f["top_exact"].tolist()} for n, f in fid.items()}, fh)

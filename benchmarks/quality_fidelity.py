@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.quality import HERE, add_cached_run_args, cached_run, streamed_scores, top_rows  # noqa: E402
 from gist_index.build import pca_sample_rows  # noqa: E402
-from gist_index.config import BuildConfig  # noqa: E402
+from gist_index.config import DEFAULT_ENERGY, BuildConfig  # noqa: E402
 from gist_index.data import encode  # noqa: E402
 from gist_index.project import PcaProjector, fit_basis, inner_projector  # noqa: E402
 
@@ -55,7 +55,9 @@ def main(argv=None) -> None:
     ap.add_argument("--projections", nargs="+", default=["countsketch"], choices=["countsketch", "pca"])
     ap.add_argument("--pca-sample", type=int, default=1000, help="pca: pool rows the basis is fitted to")
     ap.add_argument("--pca-rank", type=int, default=0, help="pca: basis rank (0: d/4, capped by the sample)")
-    ap.add_argument("--energy", type=float, default=0.9, help="the subspace's share of energy (select --energy)")
+    ap.add_argument(
+        "--energy", type=float, default=DEFAULT_ENERGY, help="the subspace's share of energy (select --energy)"
+    )
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_fidelity[-holdout].json)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)

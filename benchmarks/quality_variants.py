@@ -66,7 +66,9 @@ from gist_index.data import encode  # noqa: E402
 from gist_index.extract import CheckpointedModel  # noqa: E402
 from gist_index.project import IdentityProjector  # noqa: E402
 
-# name -> (select --method, store, select --energy); the two quality.py already measures are listed for completeness
+# name -> (select --method, store, select --energy); the two quality.py already measures are listed for completeness,
+# with the energy of the committed runs (0.9, select's default until the third --unseen draw; since then 1.0, the
+# "-kall" variants)
 VARIANTS = {
     "gist-adam": ("gist", "adam", 0.9),
     "gist-full-adam": ("gist-full", "adam", 0.9),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .build import iter_chunk_examples
+from .config import DEFAULT_ENERGY, DEFAULT_MAX_RANK
 from .data import encode
 from .extract import CheckpointedModel
 from .progress import bar as progress_bar
@@ -106,7 +107,8 @@ def rerank(
     method: str,
     weights: Sequence[float],
     rank: int | None = None,
-    energy: float = 0.9,
+    energy: float = DEFAULT_ENERGY,
+    max_rank: int = DEFAULT_MAX_RANK,
     batch_size: int = 16,
     progress: bool = True,
     subtask_rule: str = "max",
@@ -133,7 +135,9 @@ def rerank(
         coords.append(torch.as_tensor(np.concatenate(parts), dtype=torch.float32))
         del V, proj
     bar.close()
-    target = build_target([f.validation_coords() for f in frames], subtasks, weights, rank=rank, energy=energy)
+    target = build_target(
+        [f.validation_coords() for f in frames], subtasks, weights, rank=rank, energy=energy, max_rank=max_rank
+    )
     per = Scorer(target, method).subtask_scores(coords).numpy()
     if subtask_rule == "round-robin":
         taken: list[int] = []

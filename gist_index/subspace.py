@@ -16,8 +16,9 @@ For each checkpoint c, with validation gradients ``V_c`` ([n_val, dim]) and sub-
   ``max_s sum_c w_c <x_c / |x_c|, U_c m_cs>``: ``gist-full``'s score, searched approximately.
 
 The rank k is given, or chosen from the spectrum: the smallest k holding ``energy`` of the squared singular
-values, but at least the number of sub-tasks (so each sub-task can have its own direction) and at least 2
-(with k = 1 every cosine is +-1), and at most the numerical rank.
+values (default 1: every direction) and at most ``max_rank`` (default 128), but at least the number of sub-tasks
+(so each sub-task can have its own direction) and at least 2 (with k = 1 every cosine is +-1), and at most the
+numerical rank.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .config import DEFAULT_ENERGY, DEFAULT_MAX_RANK
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,14 @@ def numerical_rank(singular_values: np.ndarray) -> int:
     return int((s2 > s2[0] * 1e-10).sum())
 
 
-def choose_rank(singular_values: np.ndarray, n_subtasks: int, energy: float = 0.9) -> int:
+def choose_rank(
+    singular_values: np.ndarray, n_subtasks: int, energy: float = DEFAULT_ENERGY, max_rank: int = DEFAULT_MAX_RANK
+) -> int:
     """The automatic rank: see the module docstring."""
     numerical = numerical_rank(singular_values)
     s2 = np.asarray(singular_values, dtype=np.float64) ** 2
     cum = np.cumsum(s2) / s2.sum()
-    k = int(np.searchsorted(cum, energy - 1e-12) + 1)
+    k = min(int(np.searchsorted(cum, energy - 1e-12) + 1), max_rank)
     return int(max(1, min(numerical, max(k, n_subtasks, 2))))
 
 
@@ -113,7 +117,8 @@ def build_target(
     subtasks: Sequence[str | None],
     weights: Sequence[float],
     rank: int | None = None,
-    energy: float = 0.9,
+    energy: float = DEFAULT_ENERGY,
+    max_rank: int = DEFAULT_MAX_RANK,
 ) -> Target:
     """Build a target from per-checkpoint validation vectors ([n_val, dim] each, unnormalised)."""
     names, idx = group_subtasks(subtasks)
@@ -127,7 +132,7 @@ def build_target(
     for V in val_vectors:
         V = np.asarray(V, dtype=np.float64)
         _, S, Qt = np.linalg.svd(V, full_matrices=False)
-        k = choose_rank(S, len(names), energy) if rank is None else int(rank)
+        k = choose_rank(S, len(names), energy, max_rank) if rank is None else int(rank)
         if not 1 <= k <= len(S):
             raise ConfigError(f"--rank {k} is out of range: the target has {len(S)} validation examples")
         basis = Qt[:k].T
