@@ -16,9 +16,10 @@ table:
   LESS's preconditioning without its momentum term ``0.9 m``, a vector every example shares (in the adam store
   it dominates: each example's preconditioned gradient is mostly that one direction);
 * ``gist-kall``, ``gist-adam-kall``: the paper's formula on the sgd or adam store with the subspace spanning every
-  validation gradient (``--energy 1``: k = the number of validation examples, 8-9 here, where the default energy
-  0.9 keeps 3-6). The official GIST scripts fix k (``--target_dim``, 9 for TydiQA's 9 validation examples, 50 or
-  150 elsewhere), capped by the number of validation examples, so with a handful of them they keep all;
+  validation gradient (``--energy 1``, select's default since the third ``--unseen`` draw: k = every numerically
+  non-zero direction, 6-9 here, where energy 0.9, the default before, kept 3-7). The official GIST scripts fix k
+  (``--target_dim``, 9 for TydiQA's 9 validation examples, 50 or 150 elsewhere), capped by the number of
+  validation examples, so with a handful of them they keep all;
 * ``gist-pca``: the paper's formula on an sgd store built with ``--projection pca`` (the package's default
   projection; quality.py's stores are CountSketch): closer to exact GIST at the same d. For the variants that use the
   paper's formula on the sgd gradients (``gist``, ``gist-pca``) the JSON also holds the selection's overlap with

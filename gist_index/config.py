@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 # The automatic subspace rank (select): every direction of the validation gradients, at most 128. In the
 # miniature experiment (benchmarks/README.md, "The subspace's rank") keeping every direction gave a lower target
-# loss than keeping 90% of the energy on 8 of 11 targets; the official GIST scripts fix k (9-150), capped by the
+# loss than keeping 90% of the energy on 9 of 11 targets; the official GIST scripts fix k (9-150), capped by the
 # number of validation examples, so with a handful of them they keep every direction too.
 DEFAULT_ENERGY = 1.0
 DEFAULT_MAX_RANK = 128
