@@ -233,20 +233,23 @@ def fit_basis(rows: np.ndarray, rank: int, block: int = 8192, device=None) -> np
     """The top ``rank`` right singular vectors ([n_cols, k] float32, orthonormal columns; k at most the rows'
     numerical rank) of ``rows`` with each row scaled to unit norm (zero rows dropped). The SVD goes through the
     ``n_rows x n_rows`` Gram matrix; products in float64, ``block`` columns at a time, on ``device``."""
+    # Only float64 blocks of x are made: no float64 copy of the whole sample, and no copy without the zero rows
+    # (their coefficients are zero). The row norms are the unscaled Gram matrix's diagonal.
     x = torch.as_tensor(np.asarray(rows), dtype=torch.float32, device=device)
-    norms = torch.linalg.vector_norm(x.double(), dim=1)
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
+    for j in range(0, x.shape[1], block):
+        xb = x[:, j : j + block].double()
+        gram += xb @ xb.T
+    norms = gram.diagonal().sqrt()
     keep = norms > 0
     if not bool(keep.any()):
         raise ConfigError("pca projection: every sampled gradient is zero; nothing to fit a basis to")
-    x, scale = x[keep], (1.0 / norms[keep])[:, None]
-    gram = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
-    for j in range(0, x.shape[1], block):
-        xb = x[:, j : j + block].double() * scale
-        gram += xb @ xb.T
-    w, q = torch.linalg.eigh(gram)
+    scale = 1.0 / norms[keep]
+    w, q = torch.linalg.eigh(gram[keep][:, keep] * scale[:, None] * scale[None, :])
     w, q = w.flip(0), q.flip(1)
     k = int(min(rank, (w > w[0] * 1e-10).sum()))
-    coef = q[:, :k] / w[:k].sqrt() * scale
+    coef = torch.zeros(len(x), k, dtype=torch.float64, device=x.device)
+    coef[keep] = q[:, :k] / w[:k].sqrt() * scale[:, None]
     basis = torch.empty(x.shape[1], k, dtype=torch.float32, device=x.device)
     for j in range(0, x.shape[1], block):
         basis[j : j + block] = (x[:, j : j + block].double().T @ coef).float()
