@@ -37,11 +37,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.quality import HERE, add_cached_run_args, cached_run, streamed_scores, top_rows  # noqa: E402
+from benchmarks.qualitylib.cached import add_cached_run_args, cached_run  # noqa: E402
+from benchmarks.qualitylib.fidelity import pca_projectors, streamed_scores  # noqa: E402
+from benchmarks.qualitylib.methods import top_rows  # noqa: E402
+from benchmarks.qualitylib.settings import HERE  # noqa: E402
 from gist_index.build import pca_sample_rows  # noqa: E402
 from gist_index.config import DEFAULT_ENERGY, BuildConfig  # noqa: E402
-from gist_index.data import encode  # noqa: E402
-from gist_index.project import PcaProjector, fit_basis, inner_projector  # noqa: E402
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
@@ -122,21 +123,14 @@ def main(argv=None) -> None:
 
 def pca_variants(run, sample: np.ndarray, args) -> dict:
     """``pca-D/TYPE`` -> (d, type, PcaProjector): one basis per d, fitted as ``build --projection pca`` fits it (the
-    unit-normalised gradients of the sampled rows at every checkpoint, through the first stage)."""
-    from gist_index.extract import CheckpointedModel
-
-    cm = CheckpointedModel(run.base, run.ckpts, "cpu")
-    inner = inner_projector(cm.source_dim, BuildConfig().seed)
-    enc = [encode(run.pool[int(r)], cm.tokenizer, run.spec.max_length) for r in sample]
-    enc = [e for e in enc if e.n_label_tokens > 0]
-    grads = np.concatenate([cm.gradients(enc, c, inner, "sgd", 16)["vectors"] for c in range(len(run.ckpts))])
-    out = {}
-    for d in args.dims:
-        basis = fit_basis(grads, min(args.pca_rank or max(1, d // 4), d - 1))
-        proj = PcaProjector(cm.source_dim, d, BuildConfig().seed, basis)
-        print(f"pca d={d}: basis rank {proj.rank} from {len(enc)} rows x {len(run.ckpts)} checkpoints", flush=True)
-        out.update({f"pca-{d}/{dt}": (d, dt, proj) for dt in args.dtypes})
-    return out
+    unit-normalised gradients of the sampled rows at every checkpoint, through the first stage; here every sampled
+    row, none held out), of rank ``--pca-rank`` (0: build's default)."""
+    fitted = pca_projectors(
+        run.base, run.ckpts, run.pool, sample, args.dims, run.spec, hold_out=False, rank=args.pca_rank
+    )
+    for d, p in fitted.items():
+        print(f"pca d={d}: basis rank {p.rank} from {len(sample)} rows x {len(run.ckpts)} checkpoints", flush=True)
+    return {f"pca-{d}/{dt}": (d, dt, p) for d, p in fitted.items() for dt in args.dtypes}
 
 
 if __name__ == "__main__":

@@ -26,15 +26,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
-from benchmarks.quality import (  # noqa: E402
-    HERE,
-    add_cached_run_args,
-    cached_run,
-    evaluate,
-    finetune,
-    summarise,
-    task_of,
-)
+from benchmarks.qualitylib.cached import add_cached_run_args, cached_run  # noqa: E402
+from benchmarks.qualitylib.methods import evaluate, finetune  # noqa: E402
+from benchmarks.qualitylib.report import summarise  # noqa: E402
+from benchmarks.qualitylib.settings import HERE, task_of  # noqa: E402
 from gist_index.config import SelectConfig  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.quality import METHODS, goals, loss_table, task_focus  # noqa: E402
+from benchmarks.qualitylib.report import METHODS, goals, loss_table, task_focus  # noqa: E402
 
 
 def load(paths: list[str]) -> list[tuple[str, str, dict, dict]]:

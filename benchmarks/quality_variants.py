@@ -52,16 +52,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
-from benchmarks.quality import (  # noqa: E402
-    HERE,
-    add_cached_run_args,
-    cached_run,
-    evaluate,
-    finetune,
-    pool_store,
-    summarise,
-    task_of,
-)
+from benchmarks.qualitylib.cached import add_cached_run_args, cached_run  # noqa: E402
+from benchmarks.qualitylib.methods import evaluate, finetune  # noqa: E402
+from benchmarks.qualitylib.report import summarise  # noqa: E402
+from benchmarks.qualitylib.settings import HERE, task_of  # noqa: E402
+from benchmarks.qualitylib.targets import pool_store  # noqa: E402
 from gist_index.config import SelectConfig  # noqa: E402
 from gist_index.data import encode  # noqa: E402
 from gist_index.extract import CheckpointedModel  # noqa: E402
@@ -149,17 +144,19 @@ def main(argv=None) -> None:
             + "; adam vs its "
             f"momentum term: {g['adam']['mean_cosine_with_momentum_term']:.3f}"
         )
-    exact_top = {}  # exact GIST's top rows per target, from quality.py's fidelity cache of the run
-    for f in glob.glob(os.path.join(run.work, "fidelity3-*.json")):
-        with open(f) as fh:
-            exact_top.update({k: set(v["top_exact"]) for k, v in json.load(fh).items()})
+    exact_top: dict = {}  # energy -> target -> exact GIST's top rows, from the run's fidelity caches (quality.py's)
+    for energy in {e for _, _, e in VARIANTS.values()}:
+        prefix = "fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-"
+        for f in glob.glob(os.path.join(run.work, prefix + "*.json")):
+            with open(f) as fh:
+                exact_top.setdefault(energy, {}).update({k: set(v["top_exact"]) for k, v in json.load(fh).items()})
     print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
     for t in run.targets:
         res = out["targets"].setdefault(t.name, {})
         for name in args.variants:
             method, grad, energy = VARIANTS[name]
             gradient, _, projection = grad.partition("-")
-            store, _ = pool_store(base, run.ckpts, run.work, gradient, spec, True, projection or "countsketch")
+            store, _ = pool_store(base, run.ckpts, run.work, gradient, spec, True, projection or None)
             cfg = SelectConfig(method=method, top=n, energy=energy)
             sel = gi.select(store, [t.val_file], None, cfg, progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
@@ -177,8 +174,8 @@ def main(argv=None) -> None:
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
                 "ids": list(sel.ids),
             }
-            if method == "gist" and grad.startswith("sgd") and energy == 0.9 and t.name in exact_top:
-                res[name]["overlap_exact"] = len(set(rows.tolist()) & exact_top[t.name]) / n
+            if method == "gist" and grad.startswith("sgd") and t.name in exact_top.get(energy, {}):
+                res[name]["overlap_exact"] = len(set(rows.tolist()) & exact_top[energy][t.name]) / n
             ls = res[name]["loss"]
             ov = f"  (overlap with exact GIST {res[name]['overlap_exact']:.3f})" if "overlap_exact" in res[name] else ""
             print(

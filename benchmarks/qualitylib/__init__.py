@@ -1,0 +1,1 @@
+"""The parts of ``benchmarks/quality.py`` (one module per stage) that its companion scripts reuse."""
