@@ -1,8 +1,8 @@
 """Fidelity per byte: how much of exact GIST's top 5% a store keeps, by projected dimension and stored type.
 
-A store's bytes per example are ``d x bytes per coordinate x checkpoints``. float16 (the default) spends two
-bytes a coordinate, int8 one (each row scaled so that its largest coordinate is +-127; every score uses only a
-row's direction). At the same bytes, int8 can hold twice the dimension, and the projection's noise falls as
+A store's bytes per example are ``d x bytes per coordinate x checkpoints``. float16 spends two bytes a
+coordinate, int8 (the default) one (each row scaled so that its largest coordinate is +-127; every score uses
+only a row's direction). At the same bytes, int8 can hold twice the dimension, and the projection's noise falls as
 1/sqrt(d) while int8's rounding adds about 1% of a coordinate. This script measures the trade on a finished
 ``benchmarks/quality.py`` run (its cache: base model, warmup checkpoints, pool subsample, targets): the pool's raw
 gradients are streamed once; each target's top 5% by the paper's formula on raw gradients is compared with the

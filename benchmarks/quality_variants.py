@@ -21,7 +21,8 @@ table:
   (``--target_dim``, 9 for TydiQA's 9 validation examples, 50 or 150 elsewhere), capped by the number of
   validation examples, so with a handful of them they keep all;
 * ``gist-pca``: the paper's formula on an sgd store built with ``--projection pca`` (the package's default
-  projection; quality.py's stores are CountSketch): closer to exact GIST at the same d. For the variants that use the
+  projection, and quality.py's since 2026-12-06, where it is the run's own sgd store; the earlier runs' stores are
+  CountSketch): closer to exact GIST at the same d. For the variants that use the
   paper's formula on the sgd gradients (``gist``, ``gist-pca``) the JSON also holds the selection's overlap with
   exact GIST's top 5% (``overlap_exact``, from quality.py's fidelity cache of the run).
 
