@@ -65,6 +65,18 @@ class Selection:
         counts = np.bincount(self.subtask_of, minlength=len(self.target.subtasks))
         return {name: int(c) for name, c in zip(self.target.subtasks, counts)}
 
+    def dominant_subtask(self) -> tuple[str, int] | None:
+        """Under ``--subtasks max`` with two or more sub-tasks and a selection of at least two examples per
+        sub-task: the sub-task that is the best match of more than half of the selection and of more than twice its
+        equal share (its name and count), else None. The paper's max lets one sub-task whose direction lines up
+        with much of the pool take the selection."""
+        picks = self.subtask_picks()
+        if self.subtask_rule != "max" or len(picks) < 2 or len(self.rows) < 2 * len(picks):
+            return None
+        name, count = max(picks.items(), key=lambda kv: kv[1])
+        share = count / len(self.rows)
+        return (name, count) if share > 0.5 and share > 2 / len(picks) else None
+
     def report(self) -> dict:
         """A JSON-able summary (ranks, spectrum, timing)."""
         return {
@@ -380,6 +392,16 @@ def select(
     sel = Selection(rows, scores, ids, target, cfg.method, store.n_rows, seconds, extra, subtask_of, cfg.subtasks)
     if rank == 0 and len(target.subtasks) > 1:
         log.debug("examples picked per sub-task (%s): %s", cfg.subtasks, sel.subtask_picks())
+        if (dominant := sel.dominant_subtask()) is not None:
+            log.warning(
+                "sub-task %s is the best match of %d of the %d selected examples: under the max over sub-tasks "
+                "(the paper's rule) the selection mostly serves it; --subtasks round-robin gives each of the %d "
+                "sub-tasks an equal share",
+                dominant[0],
+                dominant[1],
+                len(sel.rows),
+                len(target.subtasks),
+            )
     if out and rank == 0:
         write_selection(store, sel, out)
         sel.seconds["write"] = time.time() - t2

@@ -2,6 +2,7 @@
 computed from reference gradients of a batch-size-1 autograd loop."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -403,3 +404,31 @@ def test_int8_store_selects_as_the_float32_store(tiny_model_dir, tiny_adapters, 
     rows, scores = scan_top(open_for_query(paths["int8"]), Scorer(mips.target, "mips"), 8, progress=False)
     assert list(mips.rows) == list(rows)
     np.testing.assert_allclose(mips.scores, scores, atol=1e-5)
+
+
+def test_a_subtask_taking_most_of_the_selection_is_warned_about(exact, target_file, caplog):
+    """Under the max rule, a sub-task that is the best match of more than half of the selection and more than twice
+    its equal share (here 2/3, with 3 sub-tasks) is named in a warning (counts from the numpy reference), once the
+    selection has two examples per sub-task; round-robin never warns."""
+    stores, ref, _ = exact
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    seen = set()
+    for top in (1, 2, 3, 4, 6, 9, 12, 20, 30):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gist_index.select"):
+            sel = select(stores["sgd"], [target_file], None, method="gist", top=top, progress=False)
+        per = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], sel.target.ranks[0], per_subtask=True)
+        counts = np.bincount(per[[ok.index(int(r)) for r in sel.rows]].argmax(1), minlength=3)
+        expected = len(sel.rows) >= 6 and counts.max() / len(sel.rows) > 2 / 3
+        warned = [r.getMessage() for r in caplog.records if "best match of" in r.getMessage()]
+        assert bool(warned) == expected, (top, counts, warned)
+        if expected:
+            assert warned[0].startswith(f"sub-task {sel.target.subtasks[int(counts.argmax())]} is the best match of")
+        seen.add((len(sel.rows) >= 6, expected))
+    # past the size floor both a dominant and no dominant sub-task occurred: the check above could fail either way
+    assert {(True, True), (True, False)} <= seen
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gist_index.select"):
+        select(stores["sgd"], [target_file], None, method="gist", subtasks="round-robin", top=2, progress=False)
+    assert not [r for r in caplog.records if "best match of" in r.getMessage()]
