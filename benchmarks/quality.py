@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import gist_index as gi  # noqa: E402
 from benchmarks.qualitylib.cached import add_store_args  # noqa: E402
-from benchmarks.qualitylib.fidelity import FID_KEYS, fidelity, pca_projectors, streamed_scores  # noqa: E402
+from benchmarks.qualitylib.fidelity import FID_KEYS, fidelity, fidelity_cache_prefix, pca_projectors, streamed_scores  # noqa: E402
 from benchmarks.qualitylib.methods import bm25_scores, evaluate, finetune, mean_hidden_states, per_subtask_max, top_rows  # noqa: E402
 from benchmarks.qualitylib.report import METHODS, goals, markdown, plots, summarise  # noqa: E402
 from benchmarks.qualitylib.settings import (  # noqa: E402
@@ -201,13 +201,9 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
             selections[t.name]["bm25"] = top_rows(bm25_scores(retriever, t.val), n_select)
 
     with timer.stage("fidelity (raw gradients, streamed)"):
-        # the rank rule of select's default, as the gist column uses it; runs before the default became every
-        # direction (energy 1) cached their fidelity at 0.9 under the plain name
-        energy = DEFAULT_ENERGY
-        prefix = "fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-"
-        fid_file = os.path.join(
-            work, prefix + hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8] + ".json"
-        )
+        energy = DEFAULT_ENERGY  # the rank rule of select's default, as the gist column uses it
+        targets_key = hashlib.sha256(repr([t.val_file for t in targets]).encode()).hexdigest()[:8]
+        fid_file = os.path.join(work, fidelity_cache_prefix(energy) + targets_key + ".json")
         if os.path.isfile(fid_file):
             with open(fid_file) as fh:
                 fid = json.load(fh)

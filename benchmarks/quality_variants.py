@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gist_index as gi  # noqa: E402
 from benchmarks.qualitylib.cached import add_cached_run_args, cached_run  # noqa: E402
+from benchmarks.qualitylib.fidelity import fidelity_cache_prefix  # noqa: E402
 from benchmarks.qualitylib.methods import evaluate, finetune  # noqa: E402
 from benchmarks.qualitylib.report import summarise  # noqa: E402
 from benchmarks.qualitylib.settings import HERE, task_of  # noqa: E402
@@ -147,8 +148,7 @@ def main(argv=None) -> None:
         )
     exact_top: dict = {}  # energy -> target -> exact GIST's top rows, from the run's fidelity caches (quality.py's)
     for energy in {e for _, _, e in VARIANTS.values()}:
-        prefix = "fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-"
-        for f in glob.glob(os.path.join(run.work, prefix + "*.json")):
+        for f in glob.glob(os.path.join(run.work, fidelity_cache_prefix(energy) + "*.json")):
             with open(f) as fh:
                 exact_top.setdefault(energy, {}).update({k: set(v["top_exact"]) for k, v in json.load(fh).items()})
     print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")

@@ -400,6 +400,15 @@ def pca_sample_rows(n_rows: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_rows, min(sample, n_rows), replace=False))
 
 
+def pca_held_out(n_sampled: int) -> np.ndarray:
+    """Which of the pca sample's examples (with a gradient, in row order) the fit leaves out, to measure the basis
+    on: every 8th, once there are 64 or more."""
+    held = np.zeros(n_sampled, bool)
+    if n_sampled >= 64:
+        held[::8] = True
+    return held
+
+
 def fit_pca(store: GradientStore, cm: CheckpointedModel, cfg: BuildConfig, eos: str, progress: bool) -> np.ndarray:
     """Rank 0, after the pre-pass: fit the pca basis to the gradients (``cfg.gradient``, every checkpoint,
     through the projection's first stage) of a seeded sample of the pool (``cfg.pca_sample_for``), and store it.
@@ -424,9 +433,7 @@ def fit_pca(store: GradientStore, cm: CheckpointedModel, cfg: BuildConfig, eos: 
         for c in range(n_ck)
     ]
     bar.close()
-    held = np.zeros(len(enc), bool)
-    if len(enc) >= 64:
-        held[::8] = True
+    held = pca_held_out(len(enc))
     basis = fit_basis(np.concatenate([g[~held] for g in grads]), cfg.resolved_pca_rank, device=cm.device)
     info = {"sample": int((~held).sum()), "held_out": int(held.sum())}
     if held.any():

@@ -11,7 +11,7 @@ import torch
 
 import gist_index as gi
 from benchmarks.qualitylib.settings import DEFAULT_POOL, DEFAULT_TARGETS, HERE, RunSpec
-from benchmarks.qualitylib.targets import TargetData, base_spec_for, load_target, unmeasurable
+from benchmarks.qualitylib.targets import TargetData, base_spec_for, load_target, store_path, unmeasurable
 from gist_index.data import Example, read_examples
 from gist_index.model import load_tokenizer
 
@@ -33,7 +33,7 @@ class CachedRun:
     @property
     def store(self) -> str:
         """The run's sgd store (GIST)."""
-        return os.path.join(self.work, "pool-sgd.gist")
+        return store_path(self.work, "sgd", self.spec)
 
 
 def add_store_args(ap: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def cached_run(args: argparse.Namespace) -> CachedRun:
     )
     key = base_spec_for(args.holdout_tasks, args.unseen).key(DEFAULT_POOL)
     base, work = os.path.join(args.cache, f"base-{key}"), os.path.join(args.cache, f"run-{spec.key()}-{key}")
-    store = os.path.join(work, "pool-sgd.gist")
+    store = store_path(work, "sgd", spec)
     if not os.path.isdir(store):
         raise SystemExit(f"{store}: not found; run benchmarks/quality.py with the same options first")
     tok = load_tokenizer(base)

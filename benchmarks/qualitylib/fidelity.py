@@ -11,6 +11,7 @@ import torch
 from benchmarks.qualitylib.methods import top_rows
 from benchmarks.qualitylib.settings import RunSpec
 from benchmarks.qualitylib.targets import TargetData
+from gist_index.build import pca_held_out
 from gist_index.config import DEFAULT_ENERGY, BuildConfig
 from gist_index.data import Example, encode
 from gist_index.progress import bar as progress_bar
@@ -103,6 +104,12 @@ def streamed_scores(
     return exact, proj, acc
 
 
+def fidelity_cache_prefix(energy: float) -> str:
+    """The name prefix of a run's cached fidelity results at the rank rule ``energy`` (runs made before the
+    default became every direction cached theirs at 0.9 under the plain name)."""
+    return "fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-"
+
+
 def pca_projectors(
     base: str,
     ckpts: Sequence[str],
@@ -126,9 +133,7 @@ def pca_projectors(
     inner = inner_projector(cm.source_dim, seed)
     enc = [encode(pool[int(r)], cm.tokenizer, spec.max_length) for r in rows]
     enc = [e for e in enc if e.n_label_tokens > 0]
-    fit = np.ones(len(enc), bool)
-    if hold_out and len(enc) >= 64:
-        fit[::8] = False
+    fit = ~pca_held_out(len(enc)) if hold_out else np.ones(len(enc), bool)
     grads = np.concatenate(
         [cm.gradients(enc, c, inner, gradient, spec.batch_size)["vectors"][fit] for c in range(len(ckpts))]
     )

@@ -109,6 +109,13 @@ def holdout_targets(pool: Sequence[Example], tok, spec: RunSpec, out: str) -> li
     return dirs
 
 
+def store_path(work: str, grad: str, spec: RunSpec, projection: str | None = None) -> str:
+    """Where a run keeps its store of ``grad`` gradients: ``work/pool-GRAD.gist`` with the run's projection
+    (``spec.projection``), ``work/pool-GRAD-PROJECTION.gist`` with another."""
+    suffix = "" if projection in (None, spec.projection) else "-" + projection
+    return os.path.join(work, f"pool-{grad}{suffix}.gist")
+
+
 def pool_store(
     base: str,
     ckpts: Sequence[str],
@@ -123,8 +130,7 @@ def pool_store(
     whether it was built now. Another ``projection`` gets ``work/pool-GRAD-PROJECTION.gist`` (pca: build's default
     sample, a quarter of the subsample)."""
     projection = projection or spec.projection
-    suffix = "" if projection == spec.projection else "-" + projection
-    path = os.path.join(work, f"pool-{grad}{suffix}.gist")
+    path = store_path(work, grad, spec, projection)
     if os.path.isdir(path) and gi.info(path)["state"] == "complete":
         return path, False
     cfg = BuildConfig(
