@@ -20,6 +20,11 @@ table:
   non-zero direction, 6-9 here, where energy 0.9, the default before, kept 3-7). The official GIST scripts fix k
   (``--target_dim``, 9 for TydiQA's 9 validation examples, 50 or 150 elsewhere), capped by the number of
   validation examples, so with a handful of them they keep all;
+* ``gist-lora``: the paper's formula (every validation direction) on a store of ``build --gradient lora``: each
+  pool gradient preconditioned by LoRA's own r x r metric (A's times ``(B^T B)^-1``, B's times ``(A A^T)^-1``,
+  slightly damped), the step of scaled gradient descent on the factors; validation gradients plain;
+* ``gist-unitval``: the paper's formula (every validation direction) on the sgd store, with every validation
+  gradient scaled to unit norm before the SVD and the sub-task means (``select --unit-val``);
 * ``gist-pca``: the paper's formula on an sgd store built with ``--projection pca`` (the package's default
   projection, and quality.py's since 2026-12-06, where it is the run's own sgd store; the earlier runs' stores are
   CountSketch): closer to exact GIST at the same d. For the variants that use the
@@ -64,9 +69,9 @@ from gist_index.data import encode  # noqa: E402
 from gist_index.extract import CheckpointedModel  # noqa: E402
 from gist_index.project import IdentityProjector  # noqa: E402
 
-# name -> (select --method, store, select --energy); the two quality.py already measures are listed for completeness,
-# with the energy of the committed runs (0.9, select's default until the third --unseen draw; since then 1.0, the
-# "-kall" variants)
+# name -> (select --method, store, select --energy[, other SelectConfig fields]); the two quality.py already
+# measures are listed for completeness, with the energy of the committed runs (0.9, select's default until the
+# third --unseen draw; since then 1.0, the "-kall" variants)
 VARIANTS = {
     "gist-adam": ("gist", "adam", 0.9),
     "gist-full-adam": ("gist-full", "adam", 0.9),
@@ -75,13 +80,18 @@ VARIANTS = {
     "less-sgd": ("less", "sgd", 0.9),
     "gist-rms": ("gist", "rms", 0.9),
     "gist-pca": ("gist", "sgd-pca", 0.9),
+    "gist-lora": ("gist", "lora", 1.0),
+    "gist-unitval": ("gist", "sgd", 1.0, {"unit_val": True}),
     "gist": ("gist", "sgd", 0.9),
     "less": ("less", "adam", 0.9),
 }
 
 
+GEOMETRY_STORES = ("sgd", "adam", "rms", "lora")
+
+
 def geometry(run, n: int = 64, seed: int = 0) -> list[dict]:
-    """Per warmup checkpoint, on ``n`` random pool examples' raw gradients (sgd, adam, rms): the mean share of the
+    """Per warmup checkpoint, on ``n`` random pool examples' raw gradients (sgd, adam, rms, lora): the mean share of the
     squared norm in the LoRA A matrices, the mean pairwise cosine, and (adam) the mean cosine with the update
     direction all examples share, Adam's momentum term ``m / sqrt(v)``."""
     cm = CheckpointedModel(run.base, run.ckpts, "cpu")
@@ -94,7 +104,7 @@ def geometry(run, n: int = 64, seed: int = 0) -> list[dict]:
     for c in range(len(run.ckpts)):
         rec: dict = {"checkpoint": c}
         unit = {}
-        for grad in ("sgd", "adam", "rms"):
+        for grad in GEOMETRY_STORES:
             g = cm.gradients(enc, c, proj, grad)["vectors"].astype(np.float64)
             sq = g**2
             unit[grad] = g / np.linalg.norm(g, axis=1, keepdims=True)
@@ -140,14 +150,14 @@ def main(argv=None) -> None:
     for g in out["geometry"]:
         print(
             f"checkpoint {g['checkpoint']}: share of the squared gradient in LoRA A: "
-            + ", ".join(f"{k} {g[k]['share_in_lora_A']:.3f}" for k in ("sgd", "adam", "rms"))
+            + ", ".join(f"{k} {g[k]['share_in_lora_A']:.3f}" for k in GEOMETRY_STORES)
             + "; mean pairwise cosine: "
-            + ", ".join(f"{k} {g[k]['mean_pairwise_cosine']:.3f}" for k in ("sgd", "adam", "rms"))
+            + ", ".join(f"{k} {g[k]['mean_pairwise_cosine']:.3f}" for k in GEOMETRY_STORES)
             + "; adam vs its "
             f"momentum term: {g['adam']['mean_cosine_with_momentum_term']:.3f}"
         )
     exact_top: dict = {}  # energy -> target -> exact GIST's top rows, from the run's fidelity caches (quality.py's)
-    for energy in {e for _, _, e in VARIANTS.values()}:
+    for energy in {v[2] for v in VARIANTS.values()}:
         for f in glob.glob(os.path.join(run.work, fidelity_cache_prefix(energy) + "*.json")):
             with open(f) as fh:
                 exact_top.setdefault(energy, {}).update({k: set(v["top_exact"]) for k, v in json.load(fh).items()})
@@ -155,10 +165,10 @@ def main(argv=None) -> None:
     for t in run.targets:
         res = out["targets"].setdefault(t.name, {})
         for name in args.variants:
-            method, grad, energy = VARIANTS[name]
+            method, grad, energy, *extra = VARIANTS[name]
             gradient, _, projection = grad.partition("-")
             store, _ = pool_store(base, run.ckpts, run.work, gradient, spec, True, projection or None)
-            cfg = SelectConfig(method=method, top=n, energy=energy)
+            cfg = SelectConfig(method=method, top=n, energy=energy, **(extra[0] if extra else {}))
             sel = gi.select(store, [t.val_file], None, cfg, progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
             losses = [
@@ -170,12 +180,13 @@ def main(argv=None) -> None:
             res[name] = {
                 "method": method,
                 "store": grad,
+                "options": extra[0] if extra else {},
                 "rank": sel.target.ranks,
                 "loss": summarise(losses),
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
                 "ids": list(sel.ids),
             }
-            if method == "gist" and grad.startswith("sgd") and t.name in exact_top.get(energy, {}):
+            if method == "gist" and grad.startswith("sgd") and not extra and t.name in exact_top.get(energy, {}):
                 res[name]["overlap_exact"] = len(set(rows.tolist()) & exact_top[energy][t.name]) / n
             ls = res[name]["loss"]
             ov = f"  (overlap with exact GIST {res[name]['overlap_exact']:.3f})" if "overlap_exact" in res[name] else ""

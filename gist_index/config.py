@@ -90,7 +90,9 @@ class BuildConfig:
     gradient: str = opt(
         "sgd",
         "sgd: plain gradients (GIST); adam: Adam-preconditioned gradients (LESS); rms: LESS's preconditioning "
-        "without its momentum term, which every example shares",
+        "without its momentum term, which every example shares; lora: LoRA's own r x r preconditioner (A's "
+        "gradient times (B^T B)^-1, B's times (A A^T)^-1, slightly damped), the step of scaled gradient descent on "
+        "the factors",
     )
     chunk_rows: int = opt(1024, "rows per chunk: the unit of work, of resume and of the manifest")
     dtype: str = opt(
@@ -107,7 +109,7 @@ class BuildConfig:
             raise ConfigError(f"dim must be >= 0, got {self.dim}")
         if self.max_tokens < 0:
             raise ConfigError(f"max-tokens must be >= 0, got {self.max_tokens}")
-        _choice("gradient", self.gradient, ("sgd", "adam", "rms"))
+        _choice("gradient", self.gradient, ("sgd", "adam", "rms", "lora"))
         _choice("projection", self.projection, ("countsketch", "gaussian", "rademacher", "pca"))
         if self.pca_sample < 0:
             raise ConfigError(f"pca-sample must be >= 0, got {self.pca_sample}")
@@ -186,6 +188,11 @@ class SelectConfig:
         "overall) or round-robin (sub-tasks take turns, each taking its best example not yet taken: equal "
         "shares; with mips each sub-task's query fetches N neighbours; with --rerank the candidates are taken in "
         "turns, then the selection again on their exact scores)",
+    )
+    unit_val: bool = opt(
+        False,
+        "scale every validation gradient to unit norm before the SVD and the sub-task means (as LESS does), so no "
+        "validation example counts more for a larger gradient (off: the paper's formula as written)",
     )
     rerank: float = opt(
         0.0,

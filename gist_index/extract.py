@@ -30,6 +30,7 @@ from .project import Projector
 log = logging.getLogger(__name__)
 
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+LORA_DAMPING = 1e-3  # the lora store's delta, as a share of the mean eigenvalue of the r x r matrix it inverts
 
 
 @dataclass
@@ -170,13 +171,56 @@ def precondition(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, momentum: bo
     return num / torch.sqrt(ADAM_BETA2 * v + (1 - ADAM_BETA2) * g * g + ADAM_EPS)
 
 
+def lora_partner(name: str) -> str:
+    """The canonical name of the other factor of the same adapted module (``lora_A`` <-> ``lora_B``)."""
+    if ".lora_A." in name:
+        return name.replace(".lora_A.", ".lora_B.")
+    if ".lora_B." in name:
+        return name.replace(".lora_B.", ".lora_A.")
+    raise ModelLoadError(f"{name}: not a LoRA A or B weight")
+
+
+def lora_metrics(params: Sequence[LoraParam], damping: float = LORA_DAMPING) -> list[torch.Tensor]:
+    """LoRA's own r x r preconditioners at the model's current weights, one per LoRA weight (the ``lora`` store).
+
+    For an adapted module with factors ``B`` [out, r] and ``A`` [r, in]: A's gradient is multiplied on the left by
+    ``(B^T B + delta I)^-1`` and B's on the right by ``(A A^T + delta I)^-1``, with ``delta = damping x trace / r``
+    of the matrix inverted: the step of scaled (Riemannian-preconditioned) gradient descent on the factors. Its
+    first-order effect on the weight is the gradient's projection on B's column space plus its projection on A's
+    row space, so the A and B sides count alike, and the coupling between them is kept (not a diagonal).
+    """
+    by_name = {p.name: p for p in params}
+    out = []
+    for p in params:
+        other = by_name.get(lora_partner(p.name))
+        if other is None:
+            raise ModelLoadError(f"--gradient lora: {p.name} has no partner {lora_partner(p.name)}")
+        w = other.module.weight.detach().double()
+        gram = w.T @ w if ".lora_A." in p.name else w @ w.T  # B^T B for A's gradient, A A^T for B's
+        r = gram.shape[0]
+        delta = damping * float(gram.diagonal().sum()) / r
+        if not delta > 0:
+            raise ModelLoadError(f"--gradient lora: the LoRA factor {other.name} is all zeros (warm it up first)")
+        out.append(torch.linalg.inv(gram + delta * torch.eye(r, dtype=gram.dtype, device=gram.device)).float())
+    return out
+
+
+def lora_precondition(g: torch.Tensor, p: LoraParam, metric: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients ``g`` [b, numel] of LoRA weight ``p`` times its r x r ``metric`` (:func:`lora_metrics`):
+    on the left for an A weight ([r, in]), on the right for a B weight ([out, r])."""
+    shape = (g.shape[0], *p.module.weight.shape)
+    g = g.reshape(shape)
+    g = metric @ g if ".lora_A." in p.name else g @ metric
+    return g.reshape(shape[0], -1)
+
+
 class GradientExtractor:
     """Computes projected per-example LoRA gradients of a peft model, batch by batch.
 
     ``adam``: per-parameter (exp_avg, exp_avg_sq) to precondition as LESS does,
     ``(b1 m + (1-b1) g) / sqrt(b2 v + (1-b2) g^2 + eps)``; with ``momentum=False`` without the momentum term
-    ``b1 m``, which every example shares: ``(1-b1) g / sqrt(...)`` (the ``rms`` store); ``None`` gives plain (SGD)
-    gradients.
+    ``b1 m``, which every example shares: ``(1-b1) g / sqrt(...)`` (the ``rms`` store). ``lora``: per-parameter
+    r x r matrices from :func:`lora_metrics` (the ``lora`` store). Neither gives plain (SGD) gradients.
     """
 
     def __init__(
@@ -185,6 +229,7 @@ class GradientExtractor:
         projector: Projector,
         adam: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         momentum: bool = True,
+        lora: list[torch.Tensor] | None = None,
     ):
         self.model = model
         self.params = lora_params(model)
@@ -194,8 +239,11 @@ class GradientExtractor:
                 f"projection expects {projector.source_dim} LoRA coordinates, the model has {self.source_dim}"
             )
         self.projector = projector
+        if adam is not None and lora is not None:
+            raise ValueError("give adam moments or LoRA metrics, not both")
         self.adam = adam
         self.momentum = momentum
+        self.lora = lora
         self._inputs: dict[int, torch.Tensor] = {}
 
     def _precondition(self, k: int, g: torch.Tensor) -> torch.Tensor:
@@ -219,6 +267,8 @@ class GradientExtractor:
                     g = torch.bmm(gout.transpose(1, 2).float(), inp.float()).reshape(b, -1)
                     if self.adam is not None:
                         g = self._precondition(k, g)
+                    elif self.lora is not None:
+                        g = lora_precondition(g, p, self.lora[k])
                     sq.add_(torch.linalg.vector_norm(g, dim=1).square())
                     self.projector.project_into(out, g, p.offset)
 
@@ -368,7 +418,8 @@ class CheckpointedModel:
         """Projected per-example gradients of ``encoded`` at checkpoint ``c``, as numpy arrays in input order."""
         self.use(c)
         adam = self.adam_state(c) if gradient in ("adam", "rms") else None
-        ex = GradientExtractor(self.pm, projector, adam, momentum=gradient == "adam")
+        lora = lora_metrics(self.params) if gradient == "lora" else None
+        ex = GradientExtractor(self.pm, projector, adam, momentum=gradient == "adam", lora=lora)
         n = len(encoded)
         out = {
             "vectors": np.zeros((n, projector.dim), np.float32),

@@ -112,12 +112,14 @@ def rerank(
     batch_size: int = 16,
     progress: bool = True,
     subtask_rule: str = "max",
+    unit_val: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, Target, np.ndarray]:
     """The best ``n`` of ``candidates`` (store rows) by ``method``'s score on unprojected gradients: (rows,
     scores) best first, the exact target (its rank chosen from the exact spectrum unless ``rank`` is given), and
     the sub-task each row was picked for (its best; round-robin: the one whose turn took it). ``mips`` is scored
     by the objective it approximates, ``gist-full``. With ``subtask_rule`` ``round-robin`` the sub-tasks take
-    turns over the candidates ranked by their own exact scores (rows in the order taken)."""
+    turns over the candidates ranked by their own exact scores (rows in the order taken). ``unit_val``: as
+    :func:`gist_index.subspace.build_target`'s (the frame is an isometry, so unit rows in it are unit gradients)."""
     method = "gist-full" if method == "mips" else method
     cfg = store.meta["config"]["compute"]
     candidates = np.sort(np.asarray(candidates, np.int64))
@@ -136,7 +138,13 @@ def rerank(
         del V, proj
     bar.close()
     target = build_target(
-        [f.validation_coords() for f in frames], subtasks, weights, rank=rank, energy=energy, max_rank=max_rank
+        [f.validation_coords() for f in frames],
+        subtasks,
+        weights,
+        rank=rank,
+        energy=energy,
+        max_rank=max_rank,
+        unit_val=unit_val,
     )
     per = Scorer(target, method).subtask_scores(coords).numpy()
     if subtask_rule == "round-robin":

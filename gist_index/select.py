@@ -325,7 +325,9 @@ def select(
         weights = list(checkpoint_weights) if checkpoint_weights is not None else store.meta["weights"]
         if len(weights) != store.n_checkpoints:
             raise ConfigError(f"{len(weights)} checkpoint weights for a store of {store.n_checkpoints} checkpoints")
-        target = build_target(vecs, subtasks, weights, rank=cfg.rank or None, energy=cfg.energy, max_rank=cfg.max_rank)
+        target = build_target(
+            vecs, subtasks, weights, cfg.rank or None, cfg.energy, cfg.max_rank, unit_val=cfg.unit_val
+        )
     target = broadcast(target, world)
     t1 = time.time()
     all_scores = np.full(store.n_rows, -np.inf, np.float32) if scores_out else None
@@ -378,6 +380,7 @@ def select(
             cfg.batch_size,
             progress,
             cfg.subtasks,
+            unit_val=cfg.unit_val,
         )
         extra = {
             "candidates": int(n_scan),

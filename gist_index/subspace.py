@@ -119,8 +119,11 @@ def build_target(
     rank: int | None = None,
     energy: float = DEFAULT_ENERGY,
     max_rank: int = DEFAULT_MAX_RANK,
+    unit_val: bool = False,
 ) -> Target:
-    """Build a target from per-checkpoint validation vectors ([n_val, dim] each, unnormalised)."""
+    """Build a target from per-checkpoint validation vectors ([n_val, dim] each, unnormalised). With ``unit_val``
+    each validation vector is scaled to unit norm first, so the subspace and the sub-task means weigh every
+    validation example alike (LESS normalises each too); without it a larger gradient counts more."""
     names, idx = group_subtasks(subtasks)
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(val_vectors) or (w < 0).any() or w.sum() <= 0:
@@ -131,6 +134,8 @@ def build_target(
     onehot /= onehot.sum(1, keepdims=True)
     for V in val_vectors:
         V = np.asarray(V, dtype=np.float64)
+        if unit_val:
+            V = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-30)
         _, S, Qt = np.linalg.svd(V, full_matrices=False)
         k = choose_rank(S, len(names), energy, max_rank) if rank is None else int(rank)
         if not 1 <= k <= len(S):

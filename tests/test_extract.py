@@ -66,6 +66,38 @@ def test_adam_gradients_match_less_formula(cm, momentum):
         assert _rel_err(ours["vectors"], reference_gradients(cm.pm, batch, adam)) > 0.1
 
 
+@pytest.mark.parametrize("ckpt", [0, 1])
+def test_lora_gradients_match_scaled_gd_written_out(cm, ckpt):
+    """``--gradient lora``: the batch-size-1 reference gradients, each LoRA factor's block preconditioned here in
+    numpy from the checkpoint's weights: A's gradient (B^T B + delta I)^-1 on the left, B's (A A^T + delta I)^-1 on
+    the right, delta = 1e-3 trace / r."""
+    cm.use(ckpt)
+    enc = _encoded(cm, seed=7)
+    batch = collate(enc, cm.tokenizer.pad_token_id, "cpu")
+    g = reference_gradients(cm.pm, batch).double().numpy()
+    weights = {n: p.detach().double().numpy() for n, p in cm.pm.named_parameters() if "lora_" in n}
+    ref, off, in_a = np.zeros_like(g), 0, []
+    for name, w in weights.items():
+        block = g[:, off : off + w.size].reshape(len(g), *w.shape)
+        if ".lora_A." in name:
+            b = weights[name.replace(".lora_A.", ".lora_B.")]
+            gram = b.T @ b
+            out = np.linalg.inv(gram + 1e-3 * np.trace(gram) / len(gram) * np.eye(len(gram))) @ block
+        else:
+            a = weights[name.replace(".lora_B.", ".lora_A.")]
+            gram = a @ a.T
+            out = block @ np.linalg.inv(gram + 1e-3 * np.trace(gram) / len(gram) * np.eye(len(gram)))
+        ref[:, off : off + w.size] = out.reshape(len(g), -1)
+        in_a += [".lora_A." in name] * w.size
+        off += w.size
+    ours = cm.gradients(enc, ckpt, IdentityProjector(cm.source_dim), "lora")["vectors"]
+    rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert rel.max() < 1e-4
+    in_a = np.asarray(in_a)
+    share = lambda x: ((x[:, in_a] ** 2).sum(1) / (x**2).sum(1)).mean()  # noqa: E731
+    assert share(ref) > 2 * share(g)  # B is small after a short warmup: A's side gains most
+
+
 def test_projected_gradients_are_the_projection_of_the_reference(cm):
     cm.use(0)
     enc = _encoded(cm, seed=5)

@@ -142,6 +142,29 @@ def test_gist_full_equals_numpy_formula_and_differs_from_gist(exact, target_file
     assert np.abs(paper - expected).max() > 1e-2  # a different score, not the paper's under another name
 
 
+@pytest.mark.parametrize("rerank", [0, 3])
+def test_unit_val_equals_paper_formula_on_unit_validation_gradients(exact, target_file, rerank):
+    """``--unit-val``: the paper's formula with every validation gradient scaled to unit norm first (on raw
+    gradients, with or without re-ranking: the re-ranking frame must keep the same rule)."""
+    stores, ref, d = exact
+    scores_file = str(d / f"unit{rerank}.npy")
+    sel = select(
+        stores["sgd"], [target_file], None, top=10, unit_val=True, rerank=rerank, scores_out=scores_file, progress=False
+    )
+    ok, T0 = _train_matrix(ref["sgd"][0])
+    _, T1 = _train_matrix(ref["sgd"][1])
+    unit = [V / np.linalg.norm(V, axis=1, keepdims=True) for V in ref["val"]]
+    k = sel.target.ranks[0]
+    expected = gist_reference([T0, T1], unit, ref["subtasks"], [1, 3], k)
+    np.testing.assert_allclose(np.load(scores_file)[ok], expected, atol=2e-4)
+    top = [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
+    assert list(sel.rows) == top
+    np.testing.assert_allclose(sel.scores, np.sort(expected)[::-1][:10], atol=2e-4)
+    norms = np.linalg.norm(ref["val"][0], axis=1)
+    assert norms.max() > 1.2 * norms.min()  # the validation gradients' norms differ, so the rule matters:
+    assert np.abs(gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k) - expected).max() > 1e-2
+
+
 @pytest.mark.parametrize("top", [5, 10, 25])
 def test_round_robin_equals_numpy_reference(exact, target_file, top):
     stores, ref, d = exact
