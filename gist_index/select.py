@@ -85,6 +85,7 @@ class Selection:
             "n_selected": int(len(self.rows)),
             "subtasks": self.target.subtasks,
             "rank": self.target.ranks,
+            "unit_val": self.target.unit_val,
             "energy_captured": [round(e, 4) for e in self.target.energy_captured()],
             "singular_values": [np.round(c.singular_values, 6).tolist() for c in self.target.checkpoints],
             "checkpoint_weights": self.target.weights.tolist(),

@@ -92,6 +92,7 @@ class Target:
     subtasks: list[str]
     weights: np.ndarray  # [n_checkpoints], summing to 1
     checkpoints: list[CheckpointSubspace] = field(default_factory=list)
+    unit_val: bool = False  # validation gradients scaled to unit norm before the SVD and the means
 
     @property
     def ranks(self) -> list[int]:
@@ -128,7 +129,7 @@ def build_target(
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(val_vectors) or (w < 0).any() or w.sum() <= 0:
         raise ConfigError(f"checkpoint weights {list(weights)} do not fit {len(val_vectors)} checkpoints")
-    target = Target(subtasks=names, weights=w / w.sum())
+    target = Target(subtasks=names, weights=w / w.sum(), unit_val=unit_val)
     onehot = np.zeros((len(names), len(idx)))
     onehot[idx, np.arange(len(idx))] = 1.0
     onehot /= onehot.sum(1, keepdims=True)

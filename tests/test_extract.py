@@ -98,6 +98,23 @@ def test_lora_gradients_match_scaled_gd_written_out(cm, ckpt):
     assert share(ref) > 2 * share(g)  # B is small after a short warmup: A's side gains most
 
 
+def test_lora_metrics_refuse_a_factor_of_zeros_or_without_partner():
+    from gist_index.errors import ModelLoadError
+    from gist_index.extract import LoraParam, lora_metrics
+
+    a = torch.nn.Linear(6, 2, bias=False)
+    b = torch.nn.Linear(2, 5, bias=False)
+    torch.nn.init.zeros_(b.weight)  # B as LoRA initialises it: no warmup yet
+    params = [LoraParam("m.lora_A.weight", a, 12, 0), LoraParam("m.lora_B.weight", b, 10, 12)]
+    with pytest.raises(ModelLoadError, match="m.lora_B.weight is all zeros"):
+        lora_metrics(params)
+    with torch.no_grad():
+        b.weight.normal_()
+    assert [m.shape for m in lora_metrics(params)] == [(2, 2), (2, 2)]
+    with pytest.raises(ModelLoadError, match="has no partner m.lora_B.weight"):
+        lora_metrics(params[:1])
+
+
 def test_projected_gradients_are_the_projection_of_the_reference(cm):
     cm.use(0)
     enc = _encoded(cm, seed=5)

@@ -158,7 +158,7 @@ def test_unit_val_equals_paper_formula_on_unit_validation_gradients(exact, targe
     expected = gist_reference([T0, T1], unit, ref["subtasks"], [1, 3], k)
     np.testing.assert_allclose(np.load(scores_file)[ok], expected, atol=2e-4)
     top = [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
-    assert list(sel.rows) == top
+    assert list(sel.rows) == top and sel.report()["unit_val"] is True
     np.testing.assert_allclose(sel.scores, np.sort(expected)[::-1][:10], atol=2e-4)
     norms = np.linalg.norm(ref["val"][0], axis=1)
     assert norms.max() > 1.2 * norms.min()  # the validation gradients' norms differ, so the rule matters:
@@ -310,7 +310,7 @@ def test_rerank_of_every_row_equals_the_exact_formula(exact, projected, target_f
         assert sel.target.ranks == raw.target.ranks  # the automatic rank of the raw spectrum
         expected = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, full=method != "gist")
     top = [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
-    assert list(sel.rows) == top
+    assert list(sel.rows) == top and sel.report()["unit_val"] is True
     np.testing.assert_allclose(sel.scores, np.sort(expected)[::-1][:10], atol=2e-4)
     assert sel.report()["rerank"]["candidates"] == len(ok)
     # without re-ranking this store's selection is not the exact one (else the test shows nothing)
