@@ -87,6 +87,12 @@ VARIANTS = {
 }
 
 
+def options(variant: tuple) -> dict:
+    """A variant's SelectConfig fields besides method and energy: every variant was measured with the paper's
+    formula as written (``unit_val`` False, select's default until the third draw's rerun) unless it says."""
+    return {"unit_val": False, **(variant[3] if len(variant) > 3 else {})}
+
+
 GEOMETRY_STORES = ("sgd", "adam", "rms", "lora")
 
 
@@ -156,19 +162,23 @@ def main(argv=None) -> None:
             + "; adam vs its "
             f"momentum term: {g['adam']['mean_cosine_with_momentum_term']:.3f}"
         )
-    exact_top: dict = {}  # energy -> target -> exact GIST's top rows, from the run's fidelity caches (quality.py's)
-    for energy in {v[2] for v in VARIANTS.values()}:
-        for f in glob.glob(os.path.join(run.work, fidelity_cache_prefix(energy) + "*.json")):
-            with open(f) as fh:
-                exact_top.setdefault(energy, {}).update({k: set(v["top_exact"]) for k, v in json.load(fh).items()})
+    exact_top: dict = {}  # (energy, unit_val) -> target -> exact GIST's top rows, from the run's fidelity caches
+    for energy, unit in {(v[2], options(v)["unit_val"]) for v in VARIANTS.values()}:
+        prefix = fidelity_cache_prefix(energy, unit)
+        for f in glob.glob(os.path.join(run.work, prefix + "*.json")):
+            if unit or os.path.basename(f)[len(prefix) :][:2] != "u-":  # the plain prefix is also the unit one's start
+                with open(f) as fh:
+                    top = {k: set(v["top_exact"]) for k, v in json.load(fh).items()}
+                exact_top.setdefault((energy, unit), {}).update(top)
     print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
     for t in run.targets:
         res = out["targets"].setdefault(t.name, {})
         for name in args.variants:
-            method, grad, energy, *extra = VARIANTS[name]
+            method, grad, energy, *_ = VARIANTS[name]
+            opts = options(VARIANTS[name])
             gradient, _, projection = grad.partition("-")
             store, _ = pool_store(base, run.ckpts, run.work, gradient, spec, True, projection or None)
-            cfg = SelectConfig(method=method, top=n, energy=energy, **(extra[0] if extra else {}))
+            cfg = SelectConfig(method=method, top=n, energy=energy, **opts)
             sel = gi.select(store, [t.val_file], None, cfg, progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
             losses = [
@@ -180,14 +190,15 @@ def main(argv=None) -> None:
             res[name] = {
                 "method": method,
                 "store": grad,
-                "options": extra[0] if extra else {},
+                "options": opts,
                 "rank": sel.target.ranks,
                 "loss": summarise(losses),
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
                 "ids": list(sel.ids),
             }
-            if method == "gist" and grad.startswith("sgd") and not extra and t.name in exact_top.get(energy, {}):
-                res[name]["overlap_exact"] = len(set(rows.tolist()) & exact_top[energy][t.name]) / n
+            top = exact_top.get((energy, opts["unit_val"]), {})
+            if method == "gist" and grad.startswith("sgd") and t.name in top:
+                res[name]["overlap_exact"] = len(set(rows.tolist()) & top[t.name]) / n
             ls = res[name]["loss"]
             ov = f"  (overlap with exact GIST {res[name]['overlap_exact']:.3f})" if "overlap_exact" in res[name] else ""
             print(

@@ -190,9 +190,9 @@ class SelectConfig:
         "turns, then the selection again on their exact scores)",
     )
     unit_val: bool = opt(
-        False,
+        True,
         "scale every validation gradient to unit norm before the SVD and the sub-task means (as LESS does), so no "
-        "validation example counts more for a larger gradient (off: the paper's formula as written)",
+        "validation example counts more for a larger gradient; --no-unit-val: the paper's formula as written",
     )
     rerank: float = opt(
         0.0,

@@ -28,14 +28,17 @@ def _reference_grads(cm, examples, ckpt, adam=False, momentum=True):
     return rows
 
 
-def gist_reference(train, val, subtasks, weights, k, full=False, per_subtask=False):
+def gist_reference(train, val, subtasks, weights, k, full=False, per_subtask=False, unit_val=True):
     """The paper's formula, the way the official code computes it (Gram matrix eigendecomposition).
     ``full``: the gist-full variant, the in-subspace coordinates divided by the norm of the whole gradient;
-    ``per_subtask``: [rows, n_subtasks], before the max over sub-tasks."""
+    ``per_subtask``: [rows, n_subtasks], before the max over sub-tasks; ``unit_val`` (select's default): each
+    validation gradient scaled to unit norm first (False: the formula as written)."""
     names = sorted(set(subtasks), key=subtasks.index)
     w = np.asarray(weights, float) / np.sum(weights)
     acc = 0
     for T, V, wc in zip(train, val, w):
+        if unit_val:
+            V = V / np.linalg.norm(V, axis=1, keepdims=True)
         lam, vec = np.linalg.eigh(V @ V.T)
         order = np.argsort(lam)[::-1]
         lam, vec = lam[order], vec[:, order]
@@ -142,27 +145,36 @@ def test_gist_full_equals_numpy_formula_and_differs_from_gist(exact, target_file
     assert np.abs(paper - expected).max() > 1e-2  # a different score, not the paper's under another name
 
 
+@pytest.mark.parametrize("unit_val", [True, False], ids=["unit-val", "no-unit-val"])
 @pytest.mark.parametrize("rerank", [0, 3])
-def test_unit_val_equals_paper_formula_on_unit_validation_gradients(exact, target_file, rerank):
-    """``--unit-val``: the paper's formula with every validation gradient scaled to unit norm first (on raw
-    gradients, with or without re-ranking: the re-ranking frame must keep the same rule)."""
+def test_unit_val_and_the_formula_as_written_equal_the_numpy_reference(exact, target_file, unit_val, rerank):
+    """``--unit-val`` (the default): the paper's formula with every validation gradient scaled to unit norm first;
+    ``--no-unit-val``: the formula as written. On raw gradients, with or without re-ranking (the re-ranking frame
+    must keep the same rule)."""
     stores, ref, d = exact
-    scores_file = str(d / f"unit{rerank}.npy")
+    scores_file = str(d / f"unit{unit_val}{rerank}.npy")
     sel = select(
-        stores["sgd"], [target_file], None, top=10, unit_val=True, rerank=rerank, scores_out=scores_file, progress=False
+        stores["sgd"],
+        [target_file],
+        None,
+        top=10,
+        unit_val=unit_val,
+        rerank=rerank,
+        scores_out=scores_file,
+        progress=False,
     )
     ok, T0 = _train_matrix(ref["sgd"][0])
     _, T1 = _train_matrix(ref["sgd"][1])
-    unit = [V / np.linalg.norm(V, axis=1, keepdims=True) for V in ref["val"]]
     k = sel.target.ranks[0]
-    expected = gist_reference([T0, T1], unit, ref["subtasks"], [1, 3], k)
+    expected = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, unit_val=unit_val)
     np.testing.assert_allclose(np.load(scores_file)[ok], expected, atol=2e-4)
     top = [ok[i] for i in np.argsort(-expected, kind="stable")[:10]]
-    assert list(sel.rows) == top and sel.report()["unit_val"] is True
+    assert list(sel.rows) == top and sel.report()["unit_val"] is unit_val
     np.testing.assert_allclose(sel.scores, np.sort(expected)[::-1][:10], atol=2e-4)
     norms = np.linalg.norm(ref["val"][0], axis=1)
     assert norms.max() > 1.2 * norms.min()  # the validation gradients' norms differ, so the rule matters:
-    assert np.abs(gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k) - expected).max() > 1e-2
+    other = gist_reference([T0, T1], ref["val"], ref["subtasks"], [1, 3], k, unit_val=not unit_val)
+    assert np.abs(other - expected).max() > 1e-2
 
 
 @pytest.mark.parametrize("top", [5, 10, 25])

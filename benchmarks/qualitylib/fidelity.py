@@ -12,11 +12,12 @@ from benchmarks.qualitylib.methods import top_rows
 from benchmarks.qualitylib.settings import RunSpec
 from benchmarks.qualitylib.targets import TargetData
 from gist_index.build import pca_held_out
-from gist_index.config import DEFAULT_ENERGY, BuildConfig
+from gist_index.config import DEFAULT_ENERGY, BuildConfig, SelectConfig
 from gist_index.data import Example, encode
 from gist_index.progress import bar as progress_bar
 
 log = logging.getLogger("quality")
+UNIT_VAL = SelectConfig.__dataclass_fields__["unit_val"].default  # select's default validation rule
 
 
 def subspace_cosines(x: torch.Tensor, cs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,12 +42,14 @@ def streamed_scores(
     progress: bool,
     block: int = 256,
     energy: float = DEFAULT_ENERGY,
+    unit_val: bool = UNIT_VAL,
 ) -> tuple[dict, dict, dict]:
     """Raw gradients of the pool, streamed (never stored), scored per target exactly (the paper's formula on the
     raw gradients and their exact subspace) and through each projection in ``variants`` (key -> (d, stored
     dtype): CountSketch with the store's seed; or (d, stored dtype, projector): that projector; the pool rows
     unit-normalised and rounded as a store of that dtype keeps them; the validation gradients projected at full
-    precision, as select computes them; the rank k from ``energy``, as ``select --energy``). Returns (exact targets,
+    precision, as select computes them; the rank k from ``energy``, as ``select --energy``; ``unit_val`` as
+    ``select --unit-val``, the default). Returns (exact targets,
     projected targets per key, scores: per target, ``[rows, n_subtasks]`` per (gist variant, key), key ``"exact"``
     for exact)."""
     from gist_index.extract import CheckpointedModel
@@ -69,9 +72,11 @@ def streamed_scores(
         keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]  # as gist_index.select does
         enc, subtasks = [enc[i] for i in keep], [t.subtasks[i] for i in keep]
         V = [torch.from_numpy(cm.gradients(enc, c, ident, "sgd", 16)["vectors"]).double() for c in range(n_ck)]
-        exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights, energy=energy)
+        exact[t.name] = build_target([v.numpy() for v in V], subtasks, weights, energy=energy, unit_val=unit_val)
         pv = {key: [p.project(v.float()).double().numpy() for v in V] for key, p in projs.items()}
-        proj[t.name] = {key: build_target(pv[key], subtasks, weights, energy=energy) for key in variants}
+        proj[t.name] = {
+            key: build_target(pv[key], subtasks, weights, energy=energy, unit_val=unit_val) for key in variants
+        }
     enc = [encode(e, tok, spec.max_length) for e in pool]
     N = len(enc)
     acc = {
@@ -104,10 +109,11 @@ def streamed_scores(
     return exact, proj, acc
 
 
-def fidelity_cache_prefix(energy: float) -> str:
-    """The name prefix of a run's cached fidelity results at the rank rule ``energy`` (runs made before the
-    default became every direction cached theirs at 0.9 under the plain name)."""
-    return "fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-"
+def fidelity_cache_prefix(energy: float, unit_val: bool = UNIT_VAL) -> str:
+    """The name prefix of a run's cached fidelity results at the rank rule ``energy`` and validation rule
+    ``unit_val`` (runs made before the default became every direction cached theirs at 0.9 under the plain name;
+    those before ``--unit-val`` became the default, without the ``u``)."""
+    return ("fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-") + ("u-" if unit_val else "")
 
 
 def pca_projectors(
