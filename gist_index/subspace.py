@@ -4,7 +4,9 @@ For each checkpoint c, with validation gradients ``V_c`` ([n_val, dim]) and sub-
 
 * GIST: ``V_c = P S Q^T`` (SVD); ``U_c = Q[:, :k]``; the coordinates of sub-task s are the mean of its
   examples' ``V_c U_c`` rows, normalised to ``m_cs``. A training example ``x`` scores
-  ``max_s sum_c w_c cos(U_c^T x_c, m_cs)``.
+  ``max_s sum_c w_c cos(U_c^T x_c, m_cs)``. With ``unit_val`` (``select --unit-val``, the default) the rows of
+  ``V_c`` are first scaled to unit norm, so every validation example weighs alike in the subspace and the means
+  (without it, the paper's formula as written, larger gradients pull both towards themselves).
 * LESS: ``max_s mean_{j in s} sum_c w_c cos(x_c, v_cj)``.
 * GIST-full (``gist-full``): the same subspace and sub-task directions, but the cosine is taken with the whole
   gradient: ``max_s sum_c w_c <x_c / |x_c|, U_c m_cs>``, i.e. the paper's score times ``|U_c^T x_c| / |x_c|``,
