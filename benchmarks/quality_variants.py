@@ -164,12 +164,10 @@ def main(argv=None) -> None:
         )
     exact_top: dict = {}  # (energy, unit_val) -> target -> exact GIST's top rows, from the run's fidelity caches
     for energy, unit in {(v[2], options(v)["unit_val"]) for v in VARIANTS.values()}:
-        prefix = fidelity_cache_prefix(energy, unit)
-        for f in glob.glob(os.path.join(run.work, prefix + "*.json")):
-            if unit or os.path.basename(f)[len(prefix) :][:2] != "u-":  # the plain prefix is also the unit one's start
-                with open(f) as fh:
-                    top = {k: set(v["top_exact"]) for k, v in json.load(fh).items()}
-                exact_top.setdefault((energy, unit), {}).update(top)
+        for f in glob.glob(os.path.join(run.work, fidelity_cache_prefix(energy, unit) + "*.json")):
+            with open(f) as fh:
+                top = {k: set(v["top_exact"]) for k, v in json.load(fh).items()}
+            exact_top.setdefault((energy, unit), {}).update(top)
     print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
     for t in run.targets:
         res = out["targets"].setdefault(t.name, {})

@@ -112,8 +112,8 @@ def streamed_scores(
 def fidelity_cache_prefix(energy: float, unit_val: bool = UNIT_VAL) -> str:
     """The name prefix of a run's cached fidelity results at the rank rule ``energy`` and validation rule
     ``unit_val`` (runs made before the default became every direction cached theirs at 0.9 under the plain name;
-    those before ``--unit-val`` became the default, without the ``u``)."""
-    return ("fidelity3-" if energy == 0.9 else f"fidelity3e{energy:g}-") + ("u-" if unit_val else "")
+    those before ``--unit-val`` became the default, without the ``u``). No prefix is the start of another."""
+    return ("fidelity3u" if unit_val else "fidelity3") + ("-" if energy == 0.9 else f"e{energy:g}-")
 
 
 def pca_projectors(
