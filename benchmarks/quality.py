@@ -5,6 +5,7 @@ Usage (the defaults are the documented run; see benchmarks/README.md, "## qualit
     nice -n 10 python benchmarks/quality.py                     # the three targets in ../shared/data/targets
     python benchmarks/quality.py --targets DIR [DIR ...]        # and more: each DIR holds val.jsonl(.gz), test...
     python benchmarks/quality.py --base-only                    # just pretrain (and cache) the base model
+    python benchmarks/quality.py --stores-only                  # and warm up and build the stores, no more
 
 Base model (cached, pretrained once): byte-level BPE tokenizer and a small Llama trained from scratch on the pool's
 text. The pool is split in two by a hash of each example's id: the *pretraining half* trains the tokenizer and the
@@ -152,6 +153,8 @@ def run(args, base: str, base_record: dict, spec: RunSpec, base_spec: BaseSpec =
             stores[grad], built = pool_store(base, ckpts, work, grad, spec, args.progress)
             if not built:
                 reused.append(f"store-{grad}")
+    if args.stores_only:
+        return {"work": work, "stores": stores, "reused": reused, "seconds": dict(timer.stages)}
     info = gi.info(stores["sgd"])
     weights = info["checkpoint_weights"]
 
@@ -385,6 +388,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--base", help="use this base model directory instead of the cached one")
     ap.add_argument("--base-only", action="store_true", help="only pretrain (and cache) the base model")
     ap.add_argument(
+        "--stores-only",
+        action="store_true",
+        help="stop after the warmup and the stores (the cache that quality_variants.py and quality_subtasks.py "
+        "reuse); writes no results",
+    )
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="reuse the warmup and stores of an earlier identical run "
@@ -437,6 +446,9 @@ def main(argv=None) -> None:
         store_dtype=args.store_dtype,
     )
     results = run(args, base, base_record, spec, base_spec)
+    if args.stores_only:
+        print(json.dumps(results))
+        return
     with open(os.path.join(args.out, "quality.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     md = markdown(results)

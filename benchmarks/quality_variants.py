@@ -25,6 +25,8 @@ table:
   slightly damped), the step of scaled gradient descent on the factors; validation gradients plain;
 * ``gist-unitval``: the paper's formula (every validation direction) on the sgd store, with every validation
   gradient scaled to unit norm before the SVD and the sub-task means (``select --unit-val``);
+* ``gist-adam-unitval``: the same on the adam store: select's defaults (every direction, unit validation
+  gradients) on LESS's gradients;
 * ``gist-pca``: the paper's formula on an sgd store built with ``--projection pca`` (the package's default
   projection, and quality.py's since 2026-12-06, where it is the run's own sgd store; the earlier runs' stores are
   CountSketch): closer to exact GIST at the same d. For the variants that use the
@@ -82,6 +84,7 @@ VARIANTS = {
     "gist-pca": ("gist", "sgd-pca", 0.9),
     "gist-lora": ("gist", "lora", 1.0),
     "gist-unitval": ("gist", "sgd", 1.0, {"unit_val": True}),
+    "gist-adam-unitval": ("gist", "adam", 1.0, {"unit_val": True}),
     "gist": ("gist", "sgd", 0.9),
     "less": ("less", "adam", 0.9),
 }
