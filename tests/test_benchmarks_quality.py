@@ -52,3 +52,32 @@ def test_pca_projectors_fit_the_basis_build_fits(tiny_model_dir, tiny_adapters, 
     # fitted to every sampled row (no hold-out) the basis is measurably another one: the check above can fail
     other = pca_projectors(tiny_model_dir, tiny_adapters, pool, rows, [128], spec, hold_out=False)[128].basis_np
     assert smallest_principal_cosine(other, built) < 0.99  # 0.06 here
+
+
+def _loss(seeds: list[float]) -> dict:
+    return {"mean": float(np.mean(seeds)), "std": float(np.std(seeds)), "seeds": seeds}
+
+
+def test_summary_pairs_variants_with_runs_seed_by_seed(tmp_path):
+    """quality_summary joins a quality_variants.py run to its targets and compares two methods per seed; checked
+    against the differences written out by hand, and a variant given twice is refused."""
+    import json
+
+    from benchmarks.quality_summary import add_variants, paired
+
+    run = {"targets": {"t1": {"methods": {"less": {"loss": _loss([2.0, 3.0, 2.5])}}}, "t2": {"methods": {}}}}
+    run["targets"]["t2"]["methods"]["less"] = {"loss": _loss([1.0, 1.0, 1.0])}
+    rows = [(n, n, t, run) for n, t in run["targets"].items()]
+    var = tmp_path / "v.json"
+    var.write_text(
+        json.dumps(
+            {"targets": {"t1": {"x": {"loss": _loss([1.9, 3.2, 2.3])}}, "t2": {"x": {"loss": _loss([0.5, 0.9, 0.8])}}}}
+        )
+    )
+    assert add_variants(rows, [str(var)]) == ["x"]
+    lines, counts = paired(rows, "x", "less")
+    assert "-0.100, +0.200, -0.200" in lines[2] and "-0.033" in lines[2]
+    assert "-0.500, -0.100, -0.200" in lines[3]
+    assert counts == {"targets": 2, "a_mean_not_higher": 2, "a_lower_every_seed": 1, "b_lower_every_seed": 0}
+    with pytest.raises(SystemExit, match="given twice"):
+        add_variants(rows, [str(var)])
