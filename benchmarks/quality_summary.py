@@ -7,8 +7,9 @@ A method missing from a run (an older run without ``gist-rr``) shows as ``-``.
 
 With ``--variants`` the variants of ``quality_variants.py`` runs join the loss table as more columns (matched to
 the runs' targets by name), and ``--paired A B`` compares two methods seed by seed: every selection is fine-tuned
-with the same seeds, so the per-seed difference A - B removes the part of the spread that the seed puts into
-both (the order of the examples and the initialisation being the same).
+with the same seeds (the same LoRA initialisation and shuffling generator), so the per-seed difference A - B
+removes the part of the spread that the initialisation puts into both; the order of the examples still differs
+where the selections do.
 
 Reproduce::
 
