@@ -26,7 +26,10 @@ table:
 * ``gist-unitval``: the paper's formula (every validation direction) on the sgd store, with every validation
   gradient scaled to unit norm before the SVD and the sub-task means (``select --unit-val``);
 * ``gist-adam-unitval``: the same on the adam store: select's defaults (every direction, unit validation
-  gradients) on LESS's gradients;
+  gradients) on LESS's gradients; ``gist-full-adam-unitval`` scores its sub-task directions over the whole
+  gradient's norm instead of inside the subspace: with one sub-task, every direction and unit validation
+  gradients that is LESS's score divided by the norm of the mean validation direction at each checkpoint, so it
+  isolates what the paper's in-subspace cosine changes;
 * ``gist-pca``: the paper's formula on an sgd store built with ``--projection pca`` (the package's default
   projection, and quality.py's since 2026-12-06, where it is the run's own sgd store; the earlier runs' stores are
   CountSketch): closer to exact GIST at the same d. For the variants that use the
@@ -43,7 +46,11 @@ It also measures, on 64 pool examples per warmup checkpoint, how the raw gradien
 B matrices in each store's gradients (``geometry`` in the JSON): with plain gradients B takes almost all of the
 squared norm (A's gradient carries B's small warmed-up weights), while Adam, which fine-tuning uses, moves both.
 
-Writes the JSON given by ``--out``; the last printed line is one JSON object of mean losses.
+Every selection's overlap with LESS's (``overlap_less``: LESS on the run's adam store, as quality.py selects it) is
+recorded; ``--selection-only`` stops there (no fine-tuning, no geometry: a minute).
+
+Writes the JSON given by ``--out``; the last printed line is one JSON object of mean losses (of overlaps with
+``--selection-only``).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ VARIANTS = {
     "gist-lora": ("gist", "lora", 1.0),
     "gist-unitval": ("gist", "sgd", 1.0, {"unit_val": True}),
     "gist-adam-unitval": ("gist", "adam", 1.0, {"unit_val": True}),
+    "gist-full-adam-unitval": ("gist-full", "adam", 1.0, {"unit_val": True}),
     "gist": ("gist", "sgd", 0.9),
     "less": ("less", "adam", 0.9),
 }
@@ -149,13 +157,17 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["gist-adam", "less-sgd"])
     ap.add_argument("--out", default=os.path.join(HERE, "results", "quality_variants.json"))
     ap.add_argument("--results", help="the run's quality.json: also print a table with its random, less and gist")
+    ap.add_argument(
+        "--selection-only", action="store_true", help="select and compare with LESS's selection; no fine-tuning"
+    )
     args = ap.parse_args(argv)
     run = cached_run(args)
     spec, base, tok, pool = run.spec, run.base, run.tok, run.pool
     row_of = {e.id: i for i, e in enumerate(pool)}
     n = spec.n_select(len(pool))
     t0 = time.time()
-    out: dict = {"n_select": n, "seeds": list(spec.seeds), "work": run.work, "geometry": geometry(run), "targets": {}}
+    out: dict = {"n_select": n, "seeds": list(spec.seeds), "work": run.work, "targets": {}}
+    out["geometry"] = [] if args.selection_only else geometry(run)
     for g in out["geometry"]:
         print(
             f"checkpoint {g['checkpoint']}: share of the squared gradient in LoRA A: "
@@ -171,9 +183,12 @@ def main(argv=None) -> None:
             with open(f) as fh:
                 top = {k: set(v["top_exact"]) for k, v in json.load(fh).items()}
             exact_top.setdefault((energy, unit), {}).update(top)
-    print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
+    if not args.selection_only:
+        print(f"{'target':<42} {'variant':<15} {'loss':>16}  top pool tasks")
+    adam_store, _ = pool_store(base, run.ckpts, run.work, "adam", spec, True)
     for t in run.targets:
         res = out["targets"].setdefault(t.name, {})
+        less = set(gi.select(adam_store, [t.val_file], None, SelectConfig(method="less", top=n), progress=False).ids)
         for name in args.variants:
             method, grad, energy, *_ = VARIANTS[name]
             opts = options(VARIANTS[name])
@@ -182,6 +197,12 @@ def main(argv=None) -> None:
             cfg = SelectConfig(method=method, top=n, energy=energy, **opts)
             sel = gi.select(store, [t.val_file], None, cfg, progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
+            overlap_less = len(set(sel.ids) & less) / n
+            if args.selection_only:
+                res[name] = {"method": method, "store": grad, "options": opts, "overlap_less": overlap_less}
+                res[name]["ids"] = list(sel.ids)
+                print(f"{t.name:<42} {name:<22} overlap with LESS {overlap_less:.3f}", flush=True)
+                continue
             losses = [
                 evaluate(finetune(base, tok, [pool[int(r)] for r in rows], spec, s), tok, t, spec)["loss"]
                 for s in spec.seeds
@@ -194,6 +215,7 @@ def main(argv=None) -> None:
                 "options": opts,
                 "rank": sel.target.ranks,
                 "loss": summarise(losses),
+                "overlap_less": overlap_less,
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
                 "ids": list(sel.ids),
             }
@@ -212,6 +234,9 @@ def main(argv=None) -> None:
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
     print(f"wrote {args.out} in {out['seconds']:.0f} s")
+    if args.selection_only:
+        print(json.dumps({t: {v: r["overlap_less"] for v, r in res.items()} for t, res in out["targets"].items()}))
+        return
     if args.results:
         with open(args.results) as fh:
             print("\n".join(table(json.load(fh), out, args.variants)))
