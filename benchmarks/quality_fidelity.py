@@ -15,6 +15,10 @@ capped by the sample's rank. The rows of the sample lie in the basis, so besides
 the script reports it over the rows outside the sample (``held_out``: the top 5% of those rows, exact against
 projected), which is what a pool much larger than the sample sees.
 
+Exact GIST and every simulated store score with ``select``'s rule for the validation gradients (``--unit-val``,
+its default; ``--no-unit-val``: the formula as written), and the run's own sgd store is also selected from by
+``gist_index.select`` with the same rank and rule (``store``: fidelity end to end, what a user gets).
+
 Reproduce::
 
     python benchmarks/quality.py [options]                     # once (caches everything)
@@ -37,12 +41,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import gist_index as gi  # noqa: E402
 from benchmarks.qualitylib.cached import add_cached_run_args, cached_run  # noqa: E402
-from benchmarks.qualitylib.fidelity import pca_projectors, streamed_scores  # noqa: E402
+from benchmarks.qualitylib.fidelity import UNIT_VAL, pca_projectors, streamed_scores  # noqa: E402
 from benchmarks.qualitylib.methods import top_rows  # noqa: E402
 from benchmarks.qualitylib.settings import HERE  # noqa: E402
 from gist_index.build import pca_sample_rows  # noqa: E402
-from gist_index.config import DEFAULT_ENERGY, BuildConfig  # noqa: E402
+from gist_index.config import DEFAULT_ENERGY, BuildConfig, SelectConfig  # noqa: E402
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
@@ -59,6 +64,12 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--energy", type=float, default=DEFAULT_ENERGY, help="the subspace's share of energy (select --energy)"
     )
+    ap.add_argument(
+        "--unit-val",
+        action=argparse.BooleanOptionalAction,
+        default=UNIT_VAL,
+        help="unit validation gradients before the SVD and the means (select --unit-val, its default)",
+    )
     ap.add_argument("--out", help="JSON output (default benchmarks/results/quality_fidelity[-holdout].json)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -69,12 +80,22 @@ def main(argv=None) -> None:
     if "countsketch" in args.projections:
         variants.update({f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes})
     sample = pca_sample_rows(len(pool), args.pca_sample, BuildConfig().seed)
-    res: dict = {"n_pool": len(pool), "n_checkpoints": len(run.ckpts), "energy": args.energy, "targets": {}, "mean": {}}
+    res: dict = {"n_pool": len(pool), "n_checkpoints": len(run.ckpts), "energy": args.energy, "unit_val": args.unit_val}
+    res.update(targets={}, mean={})
     if "pca" in args.projections:
         variants.update(pca_variants(run, sample, args))
         res["pca"] = {"sample": len(sample), "seconds": round(time.time() - t0, 1)}
     _, _, acc = streamed_scores(
-        run.base, run.ckpts, pool, targets, run.weights, spec, variants, args.progress, energy=args.energy
+        run.base,
+        run.ckpts,
+        pool,
+        targets,
+        run.weights,
+        spec,
+        variants,
+        args.progress,
+        energy=args.energy,
+        unit_val=args.unit_val,
     )
     n = spec.n_select(len(pool))
     held = np.setdiff1d(np.arange(len(pool)), sample)  # rows outside a pca sample
@@ -86,6 +107,7 @@ def main(argv=None) -> None:
         return len(top(a[v, key].max(1)) & top(a[v, "exact"].max(1))) / k
 
     everyone = np.arange(len(pool))
+    row_of = {e.id: i for i, e in enumerate(pool)}
     for t in targets:
         a = acc[t.name]
         res["targets"][t.name] = {
@@ -95,6 +117,10 @@ def main(argv=None) -> None:
             }
             for key in variants
         }
+        # end to end: what select picks from the run's own sgd store, with the same rank and validation rule
+        cfg = SelectConfig(method="gist", top=n, energy=args.energy, unit_val=args.unit_val)
+        picked = {row_of[i] for i in gi.select(run.store, [t.val_file], None, cfg, progress=False).ids}
+        res["targets"][t.name]["store"] = len(picked & set(top_rows(a["gist", "exact"].max(1), n).tolist())) / n
     print(f"{'variant':<18} {'bytes/example':>13} {'gist':>6} {'gist-full':>9} {'held-out':>8}   per target (gist)")
     for key, (d, dt, *proj) in variants.items():
         per = [res["targets"][t.name][key] for t in targets]
@@ -117,6 +143,9 @@ def main(argv=None) -> None:
     )
     with open(out, "w") as fh:
         json.dump(res, fh, indent=1)
+    store = [res["targets"][t.name]["store"] for t in targets]
+    res["store"] = {"store": run.store, "mean": float(np.mean(store))}
+    print(f"the run's store, selected by select: {res['store']['mean']:.3f}   " + " ".join(f"{x:.3f}" for x in store))
     print(f"wrote {out} in {res['seconds']:.0f} s (targets: {', '.join(t.name for t in targets)})")
     print(json.dumps({k: [round(v["gist"], 4), round(v["gist_held_out"], 4)] for k, v in res["mean"].items()}))
 
