@@ -141,10 +141,10 @@ def main(argv=None) -> None:
     out = args.out or os.path.join(
         HERE, "results", "quality_fidelity" + ("-holdout" if args.holdout_tasks else "") + ".json"
     )
-    with open(out, "w") as fh:
-        json.dump(res, fh, indent=1)
     store = [res["targets"][t.name]["store"] for t in targets]
     res["store"] = {"store": run.store, "mean": float(np.mean(store))}
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
     print(f"the run's store, selected by select: {res['store']['mean']:.3f}   " + " ".join(f"{x:.3f}" for x in store))
     print(f"wrote {out} in {res['seconds']:.0f} s (targets: {', '.join(t.name for t in targets)})")
     print(json.dumps({k: [round(v["gist"], 4), round(v["gist_held_out"], 4)] for k, v in res["mean"].items()}))
