@@ -80,8 +80,14 @@ def main(argv=None) -> None:
     if "countsketch" in args.projections:
         variants.update({f"{d}/{dt}": (d, dt) for d in args.dims for dt in args.dtypes})
     sample = pca_sample_rows(len(pool), args.pca_sample, BuildConfig().seed)
-    res: dict = {"n_pool": len(pool), "n_checkpoints": len(run.ckpts), "energy": args.energy, "unit_val": args.unit_val}
-    res.update(targets={}, mean={})
+    res: dict = {
+        "n_pool": len(pool),
+        "n_checkpoints": len(run.ckpts),
+        "energy": args.energy,
+        "unit_val": args.unit_val,
+        "targets": {},
+        "mean": {},
+    }
     if "pca" in args.projections:
         variants.update(pca_variants(run, sample, args))
         res["pca"] = {"sample": len(sample), "seconds": round(time.time() - t0, 1)}

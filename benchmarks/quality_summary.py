@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,7 +88,7 @@ def paired(rows: list[tuple[str, str, dict, dict]], a: str, b: str) -> tuple[lis
     return lines, counts
 
 
-def tables(rows: list[tuple[str, str, dict, dict]], extra: list[str] = ()) -> tuple[str, dict]:
+def tables(rows: list[tuple[str, str, dict, dict]], extra: Sequence[str] = ()) -> tuple[str, dict]:
     """Markdown tables and the goal counts; ``extra``: more method columns (variants) after quality.py's."""
     methods = [m for m in METHODS if any(m in t["methods"] for _, _, t, _ in rows)] + list(extra)
     lines = loss_table([(label, t) for label, _, t, _ in rows], methods)

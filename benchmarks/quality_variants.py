@@ -198,9 +198,15 @@ def main(argv=None) -> None:
             sel = gi.select(store, [t.val_file], None, cfg, progress=False)
             rows = np.asarray([row_of[i] for i in sel.ids])
             overlap_less = len(set(sel.ids) & less) / n
+            entry = {
+                "method": method,
+                "store": grad,
+                "options": opts,
+                "overlap_less": overlap_less,
+                "ids": list(sel.ids),
+            }
             if args.selection_only:
-                res[name] = {"method": method, "store": grad, "options": opts, "overlap_less": overlap_less}
-                res[name]["ids"] = list(sel.ids)
+                res[name] = entry
                 print(f"{t.name:<42} {name:<22} overlap with LESS {overlap_less:.3f}", flush=True)
                 continue
             losses = [
@@ -210,14 +216,10 @@ def main(argv=None) -> None:
             tasks = [task_of(pool[int(r)]) for r in rows]
             share = sorted(((tasks.count(k) / len(tasks), k) for k in set(tasks)), reverse=True)[:3]
             res[name] = {
-                "method": method,
-                "store": grad,
-                "options": opts,
+                **entry,
                 "rank": sel.target.ranks,
                 "loss": summarise(losses),
-                "overlap_less": overlap_less,
                 "top_tasks": [[k, round(v, 3)] for v, k in share],
-                "ids": list(sel.ids),
             }
             top = exact_top.get((energy, opts["unit_val"]), {})
             if method == "gist" and grad.startswith("sgd") and t.name in top:
